@@ -1,0 +1,112 @@
+"""Shared measuring tools for the benchmarks: alternating timing, peak memory, random weights.
+
+Every benchmark runs the reference and ours in one run, alternating, and prints ours/reference.
+CPU peak memory is the process's resident set size (RSS) sampled every millisecond by a thread;
+on CUDA it is `torch.cuda.max_memory_allocated`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+
+import torch
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class PeakMemory:
+    """`with PeakMemory(device) as m: ...` then `m.peak` = peak bytes above the level at entry."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.peak = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._base = rss_bytes()
+            self._max = self._base
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self._max = max(self._max, rss_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self._max, rss_bytes()) - self._base
+        return False
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_alternating(fns: dict[str, callable], repeats: int, device="cpu", warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each fn, calling them in turn (a, b, a, b, ...) so drift hits both alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+            sync(device)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+@torch.no_grad()
+def random_init_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fast deterministic weights with the default init's scale (uniform +-1/sqrt(fan_in)); norms at
+    weight 1, bias 0. Speed and memory do not depend on the values, but denormals would."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.ndim == 1 and ("norm" in name.split(".")[-2] if "." in name else False):
+            p.fill_(1.0 if name.endswith("weight") else 0.0)
+        else:
+            fan_in = p[0].numel() if p.ndim > 1 else p.shape[0]
+            bound = 1 / math.sqrt(fan_in)
+            p.copy_(torch.rand(p.shape, generator=g).mul_(2 * bound).sub_(bound).to(p.dtype))
+    return model
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def print_table(title: str, rows: list[tuple[str, float, float, str]]) -> None:
+    """rows: (metric, reference, ours, unit) -> prints reference, ours and ours/reference."""
+    print(f"\n{title}")
+    print(f"{'metric':<30}{'reference':>14}{'ours':>14}{'ours/ref':>10}")
+    for metric, ref, ours, unit in rows:
+        show = fmt_bytes if unit == "bytes" else (lambda v: f"{v:.3f} s")
+        ratio = ours / ref if ref else float("nan")
+        print(f"{metric:<30}{show(ref):>14}{show(ours):>14}{ratio:>10.3f}")
