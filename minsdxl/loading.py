@@ -1,0 +1,362 @@
+"""Load SDXL weights from either official layout, a Hub repo, or a fine-tune: UNet, text encoders, VAE.
+
+Sources `load_unet` accepts:
+  1. Stability's single file (`sd_xl_base_1.0.safetensors`: `model.diffusion_model.*` beside the
+     other components, SGM names) or a bare SGM UNet state dict;
+  2. a diffusers UNet file or folder (`diffusion_pytorch_model[.fp16].safetensors`, or shards with
+     `diffusion_pytorch_model.safetensors.index.json`; `config.json` beside it is read);
+  3. a diffusers pipeline folder (its `unet/`);
+  4. a Hub repo id (only the needed files are fetched; `HF_HUB_OFFLINE=1` and the cache are honoured).
+The model is built on the `meta` device and each tensor is read from the memory-mapped file and
+converted to the target dtype and device as it is assigned, so loading fp16 weights to bf16 never
+holds more than the bf16 model plus one tensor, and never an fp32 copy. Only safetensors files are
+read: pickles (.ckpt, .bin, .pt) can run code when loaded and are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from . import convert
+from .config import ConfigError, UNetConfig
+from .unet import UNet
+
+LATENT_SCALE = 0.13025  # SDXL VAE latents are multiplied by this (SD 1.5 used 0.18215)
+DEFAULT_REPO = "stabilityai/stable-diffusion-xl-base-1.0"  # where tokenizers come from for a single file
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+CONFIG_METADATA_KEY = "minsdxl.configs"  # JSON {"unet": ..., "text_encoder": ..., ...} in our tiny single files
+
+
+class LoadError(ValueError):
+    """A source that cannot be loaded; the message names the file and what to do."""
+
+
+# --- safetensors files --------------------------------------------------------------------------
+
+def read_header(path: Path) -> tuple[dict[str, tuple[str, list[int]]], dict[str, str]]:
+    """({name: (dtype, shape)}, metadata) from a safetensors header, with a clear error for bad files.
+
+    The format: 8 bytes little-endian header length N, N bytes of JSON, then the raw tensor data."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise LoadError(f"{path}: a pickle checkpoint ({path.suffix}). minsdxl loads only .safetensors, because "
+                        f"unpickling can run arbitrary code. Convert it once, in an environment you trust, with "
+                        f"`safetensors.torch.save_file(torch.load(p, weights_only=True)['state_dict'], 'model.safetensors')`, "
+                        f"or download the .safetensors release.")
+    if not path.is_file():
+        raise LoadError(f"{path}: no such file")
+    size = path.stat().st_size
+    if size == 0:
+        raise LoadError(f"{path}: the file is empty (an interrupted download?); download it again")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 2 <= n <= min(size - 8, 100_000_000):
+            raise LoadError(f"{path}: not a safetensors file (bad header length). If it is a pickle checkpoint, "
+                            f"convert it to safetensors first.")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise LoadError(f"{path}: not a safetensors file (the header is not JSON)") from None
+    metadata = header.pop("__metadata__", None) or {}
+    data_size = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + data_size > size:
+        raise LoadError(f"{path}: truncated: the header describes {8 + n + data_size:,} bytes but the file has "
+                        f"{size:,}. The download or copy was interrupted; fetch the file again.")
+    return {k: (v["dtype"], v["shape"]) for k, v in header.items()}, metadata
+
+
+def _metadata_config(metadata: dict, component: str) -> dict | None:
+    return json.loads(metadata[CONFIG_METADATA_KEY]).get(component) if CONFIG_METADATA_KEY in metadata else None
+
+
+class TensorSource:
+    """The tensors of one or more safetensors files, read one at a time on demand (memory-mapped)."""
+
+    def __init__(self, files: list[Path]):
+        self.files, self.where, self.shapes, self.metadata = files, {}, {}, {}
+        for f in files:
+            header, meta = read_header(f)
+            self.metadata.update(meta)
+            for name, (_, shape) in header.items():
+                self.where[name], self.shapes[name] = f, tuple(shape)
+        self._handles = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self.where[name]
+        if f not in self._handles:
+            self._handles[f] = safe_open(str(f), framework="pt")
+        return self._handles[f].get_tensor(name)
+
+
+def _materialize(model: torch.nn.Module, names: dict[str, str], src: TensorSource, dtype, device, where: str,
+                 transform=None) -> torch.nn.Module:
+    """Fill a meta-device `model` from `src`; `names` maps model keys to file keys. Checks keys and shapes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(names))
+    unexpected = sorted(set(names) - set(expected))
+    if missing or unexpected:
+        raise LoadError(f"{where}: keys do not match the model: {len(missing)} missing (first ten: {missing[:10]}), "
+                        f"{len(unexpected)} unexpected (first ten: {[names[k] for k in unexpected[:10]]})")
+    shapes = {k: src.shapes[names[k]] for k in expected} if transform is None else None
+    wrong = [f"{names[k]}: file {shapes[k]} vs model {expected[k]}" for k in expected if shapes and shapes[k] != expected[k]]
+    if wrong:
+        raise LoadError(f"{where}: {len(wrong)} tensors have the wrong shape (first ten: {wrong[:10]})")
+    state = {}
+    for key in expected:
+        tensor = src.get(names[key]) if transform is None else transform[key]
+        state[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    # Non-persistent buffers are not in any file and stay on `meta`; CLIP's position ids are the only
+    # kind our models have, and they are just 0..L-1.
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:
+            if not name.endswith("position_ids"):
+                raise LoadError(f"{where}: buffer '{name}' is not in the file and cannot be rebuilt")
+            owner = model.get_submodule(name.rsplit(".", 1)[0])
+            owner.register_buffer("position_ids", torch.arange(buf.shape[-1], device=device).expand(buf.shape), persistent=False)
+    return model
+
+
+# --- finding the files --------------------------------------------------------------------------
+
+def _is_repo_id(source: str) -> bool:
+    return not os.path.exists(source) and source.count("/") == 1 and not source.startswith((".", "/"))
+
+
+def _download(repo: str, patterns: list[str], what: str) -> Path:
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns))
+    except Exception as e:  # offline, no such repo, gated, network
+        raise LoadError(f"{repo}: could not fetch the {what} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+                        f"Check the repo id and your network or HF_TOKEN, or pass a local path. With "
+                        f"HF_HUB_OFFLINE=1 only files already in the cache are used.") from None
+
+
+def _weights_in(folder: Path, stem: str, variant: str | None) -> list[Path]:
+    """The safetensors file(s) of a diffusers/transformers component folder, honouring `variant`."""
+    for v in ([variant] if variant else [None, "fp16"]):
+        name = f"{stem}.{v}.safetensors" if v else f"{stem}.safetensors"
+        index = folder / (name + ".index.json")
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [folder / s for s in shards]
+        if (folder / name).is_file():
+            return [folder / name]
+    pickles = [p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        read_header(folder / pickles[0])  # raises the pickle refusal
+    raise LoadError(f"{folder}: no {stem}{'.' + variant if variant else ''}.safetensors (or sharded index) here; "
+                    f"found {sorted(p.name for p in folder.iterdir())[:10]}")
+
+
+def _component_dir(source: str, sub: str, files: list[str], variant: str | None) -> Path | None:
+    """The folder of component `sub` for a pipeline folder or repo id, or None for a file source."""
+    if _is_repo_id(source):
+        stem = files[0].split(".")[0]
+        return _download(source, [f"{sub}/{f}" for f in files] + [f"{sub}/{stem}*.safetensors*", "model_index.json"], sub) / sub
+    p = Path(source)
+    if p.is_dir():
+        return p / sub if (p / sub).is_dir() else p
+    return None
+
+
+# --- UNet ---------------------------------------------------------------------------------------
+
+def _check_sdxl_base(cfg: UNetConfig, where: str) -> None:
+    if cfg.cross_attention_dim == 1280 and cfg.adm_in_channels == 2560:
+        raise LoadError(f"{where}: not an SDXL base UNet: found the SDXL refiner (cross-attention dim 1280, "
+                        f"{cfg.block_out_channels} channels, 5 time ids with the aesthetic score). Load the base model.")
+
+
+def _refuse_non_sdxl(names: set[str], shapes: dict, where: str) -> None:
+    """SD 1.x/2.x and other UNets have no added size conditioning (label_emb / add_embedding)."""
+    if not any(k.startswith(("label_emb.", "add_embedding.")) for k in names):
+        ctx = [s[1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight")]
+        guess = {768: "SD 1.x", 1024: "SD 2.x"}.get(ctx[0] if ctx else None, "an unknown model")
+        raise LoadError(f"{where}: not an SDXL base UNet: no size conditioning (label_emb/add_embedding) and "
+                        f"cross-attention dim {ctx[0] if ctx else 'none'}, which looks like {guess}.")
+
+
+def load_unet(source: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu", variant: str | None = None) -> UNet:
+    """Our UNet with the weights of `source` (see the module docstring for the accepted sources)."""
+    source = str(source)
+    folder = _component_dir(source, "unet", ["config.json"], variant)
+    config = None
+    if folder is not None:
+        files = _weights_in(folder, "diffusion_pytorch_model", variant)
+        if (folder / "config.json").is_file():
+            config = json.loads((folder / "config.json").read_text())
+    else:
+        files = [Path(source)]
+        if (Path(source).parent / "config.json").is_file() and Path(source).name.startswith("diffusion_pytorch_model"):
+            config = json.loads((Path(source).parent / "config.json").read_text())
+    src = TensorSource(files)
+    where = str(files[0].parent if len(files) > 1 else files[0])
+
+    # Which layout: SGM (single file or bare) or diffusers; the file keys of the UNet, by our names.
+    keys = set(src.where)
+    if any(k.startswith(convert.SGM_UNET_PREFIX) for k in keys):
+        sgm = {k[len(convert.SGM_UNET_PREFIX):]: k for k in keys if k.startswith(convert.SGM_UNET_PREFIX)}
+    elif any(k.startswith(("input_blocks.", "middle_block.")) for k in keys):
+        sgm = {k: k for k in keys}
+    else:
+        sgm = None
+    if sgm is not None:
+        _refuse_non_sdxl(set(sgm), {k: src.shapes[v] for k, v in sgm.items()}, where)
+        try:
+            names = {diff: sgm[k] for k, diff in convert.sgm_names_to_diffusers(sgm).items()}
+        except convert.ConversionError as e:
+            raise LoadError(f"{where}: {e}") from None
+    elif "conv_in.weight" in keys or any(k.startswith("down_blocks.") for k in keys):
+        _refuse_non_sdxl(keys, src.shapes, where)
+        names = {k: k for k in keys}
+    else:
+        raise LoadError(f"{where}: no UNet weights found (neither `model.diffusion_model.*`, SGM nor diffusers "
+                        f"UNet names); first keys: {sorted(keys)[:10]}")
+
+    # The config: config.json, our metadata, or inferred from the shapes.
+    try:
+        if config is not None:
+            cfg = UNetConfig.from_diffusers_config(config)
+        elif (meta := _metadata_config(src.metadata, "unet")) is not None:
+            cfg = UNetConfig.from_diffusers_config(meta)
+        else:
+            cfg = convert.infer_unet_config({k: _Shape(src.shapes[v]) for k, v in names.items()})
+    except (ConfigError, convert.ConversionError) as e:
+        raise LoadError(f"{where}: not an SDXL base UNet: {e}") from None
+    _check_sdxl_base(cfg, where)
+    with torch.device("meta"):
+        model = UNet(cfg)
+    return _materialize(model, names, src, dtype, device, where).eval().requires_grad_(False)
+
+
+class _Shape:
+    """Stands in for a tensor where only `.shape` is needed (config inference from a header)."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+
+# --- text encoders, tokenizers, VAE ---------------------------------------------------------------
+
+def load_text_encoders(source: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu", variant: str | None = None):
+    """(CLIPTextModel, CLIPTextModelWithProjection) of SDXL, from a pipeline folder, repo id or single file."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    source = str(source)
+    models = []
+    for sub, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+        folder = _component_dir(source, sub, ["config.json"], variant)
+        if folder is None:
+            break
+        files = _weights_in(folder, "model", variant)
+        src = TensorSource(files)
+        config = CLIPTextConfig(**json.loads((folder / "config.json").read_text()))
+        with torch.device("meta"):
+            model = cls(config)
+        names = {k: k for k in src.where if not k.endswith("position_ids")}
+        models.append(_materialize(model, names, src, dtype, device, str(folder)).eval().requires_grad_(False))
+    if models:
+        return tuple(models)
+
+    # Single file: text encoder 1 in transformers names under a prefix, text encoder 2 in OpenCLIP names.
+    path = Path(source)
+    src = TensorSource([path])
+    te1 = {k[len(convert.SGM_TE1_PREFIX):]: k for k in src.where if k.startswith(convert.SGM_TE1_PREFIX) and not k.endswith("position_ids")}
+    te2 = {k[len(convert.SGM_TE2_PREFIX):]: k for k in src.where if k.startswith(convert.SGM_TE2_PREFIX)}
+    if not te1 or not te2:
+        raise LoadError(f"{path}: no text encoders in this file ({convert.SGM_TE1_PREFIX}* and {convert.SGM_TE2_PREFIX}*); "
+                        f"pass the SDXL pipeline folder, repo id or full single file.")
+    shapes1 = {k: _Shape(src.shapes[v]) for k, v in te1.items()}
+    cfg1 = _metadata_config(src.metadata, "text_encoder") or convert.infer_clip_text_config(shapes1, with_projection=False)
+    te2_state = convert.open_clip_to_transformers({k: src.get(v) for k, v in te2.items()})  # the UNet-sized part is small
+    cfg2 = _metadata_config(src.metadata, "text_encoder_2") or convert.infer_clip_text_config(te2_state, with_projection=True)
+    with torch.device("meta"):
+        m1, m2 = CLIPTextModel(CLIPTextConfig(**cfg1)), CLIPTextModelWithProjection(CLIPTextConfig(**cfg2))
+    m1 = _materialize(m1, te1, src, dtype, device, f"{path} (text encoder 1)")
+    m2 = _materialize(m2, {k: k for k in te2_state}, src, dtype, device, f"{path} (text encoder 2)", transform=te2_state)
+    return m1.eval().requires_grad_(False), m2.eval().requires_grad_(False)
+
+
+def load_tokenizers(source: str | os.PathLike):
+    """(tokenizer, tokenizer_2) from a pipeline folder or repo id; a single file has none, so the
+    official ones are fetched from the SDXL base repo (or the cache)."""
+    from transformers import CLIPTokenizer
+    source = str(source)
+    if Path(source).is_file():
+        source = DEFAULT_REPO
+    out = []
+    for sub in ("tokenizer", "tokenizer_2"):
+        folder = _component_dir(source, sub, ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"], None)
+        try:
+            out.append(CLIPTokenizer.from_pretrained(str(folder)))
+        except Exception as e:
+            raise LoadError(f"{folder}: could not load the tokenizer ({e})") from None
+    return tuple(out)
+
+
+SDXL_VAE_CONFIG = {  # stabilityai/stable-diffusion-xl-base-1.0 vae/config.json
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+    "block_out_channels": [128, 256, 512, 512], "sample_size": 1024, "scaling_factor": LATENT_SCALE,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+
+def load_vae(source: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu"):
+    """diffusers AutoencoderKL from a pipeline folder (vae/), a VAE folder or repo (the fp16-fix VAE),
+    or a single file (`first_stage_model.*`, or a bare LDM VAE file)."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    source = str(source)
+    if _is_repo_id(source):
+        root = _download(source, ["config.json", "diffusion_pytorch_model*.safetensors", "vae/config.json",
+                                  "vae/diffusion_pytorch_model*.safetensors"], "VAE")
+        source = str(root)
+    p = Path(source)
+    if p.is_dir():
+        folder = p / "vae" if (p / "vae").is_dir() else p
+        src = TensorSource(_weights_in(folder, "diffusion_pytorch_model", None))
+        config = json.loads((folder / "config.json").read_text())
+        names = {k: k for k in src.where}
+        where = str(folder)
+        with torch.device("meta"):
+            model = AutoencoderKL.from_config(config)
+        model = _materialize(model, names, src, dtype, device, where)
+    else:
+        src = TensorSource([p])
+        keys = [k for k in src.where if k.startswith(convert.SGM_VAE_PREFIX)] or \
+               [k for k in src.where if k.startswith(("encoder.", "decoder.", "quant_conv", "post_quant_conv"))]
+        if not keys:
+            raise LoadError(f"{p}: no VAE weights in this file (no `first_stage_model.*` or `encoder.*`/`decoder.*` keys)")
+        config = _metadata_config(src.metadata, "vae") or SDXL_VAE_CONFIG
+        # diffusers' own converter for the LDM VAE names (the VAE is a frozen part we take from diffusers)
+        state = convert_ldm_vae_checkpoint({k: src.get(k) for k in keys}, config)
+        with torch.device("meta"):
+            model = AutoencoderKL.from_config(config)
+        model = _materialize(model, {k: k for k in state}, src, dtype, device, str(p), transform=state)
+    return model.eval().requires_grad_(False)
+
+
+# --- text conditioning --------------------------------------------------------------------------
+
+def encode_text(text_encoders, tokenizers, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's text conditioning: context (B, 77, 768 + 1280 = 2048), pooled (B, 1280).
+
+    Both encoders' penultimate hidden states (the last layer is tuned for CLIP's contrastive loss,
+    the one before keeps more token detail), concatenated along features; the pooled vector is
+    text encoder 2's projected end-of-text embedding."""
+    contexts, pooled = [], None
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(encoder.device)  # (B, 77)
+        out = encoder(ids, output_hidden_states=True)
+        contexts.append(out.hidden_states[-2])  # (B, 77, hidden)
+        pooled = out[0]  # for encoder 2: text_embeds (B, proj); overwritten until the last encoder
+    return torch.cat(contexts, dim=-1), pooled

@@ -1,0 +1,106 @@
+"""A tiny random SDXL pipeline in the official diffusers folder layout, for the demo and the tests.
+
+    python -m minsdxl.tiny DIR
+
+writes model_index.json, unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ and
+scheduler/ exactly as stabilityai/stable-diffusion-xl-base-1.0 lays them out, with the same
+topology at toy sizes: the UNet is `UNetConfig.tiny()`, the VAE still compresses 8x (four levels),
+and the two CLIP text encoders' widths add up to the UNet's cross-attention width as 768 + 1280 =
+2048 do in SDXL. The tokenizers' small vocabulary (single characters) is written by this code, so
+nothing is downloaded. Everything loads through the same code paths as the real weights, in
+minsdxl and in diffusers' StableDiffusionXLPipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import string
+from pathlib import Path
+
+import torch
+
+from .config import UNetConfig
+
+TEXT_1_WIDTH = 32  # SDXL: 768 (CLIP ViT-L/14)
+TEXT_2_WIDTH = 32  # SDXL: 1280 (OpenCLIP ViT-bigG/14); 32 + 32 = UNetConfig.tiny().cross_attention_dim
+
+
+def write_tokenizer_files(folder: Path, pad_token: str) -> int:
+    """A CLIP BPE tokenizer whose vocabulary is single characters (no merges); returns the vocab size.
+
+    CLIP marks the end of a word with `</w>`, so every character appears twice."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = string.ascii_lowercase + string.digits + ",.!?'-"
+    vocab = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token}))
+    (folder / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token}))
+    return len(vocab)
+
+
+def tiny_components(seed: int = 0) -> dict:
+    """The random models and configs of the tiny pipeline (not yet written anywhere)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = UNetConfig.tiny()
+    unet = UNet2DConditionModel(**cfg.to_diffusers_config())
+    vae = AutoencoderKL(block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=1,
+                        norm_num_groups=4, sample_size=64, scaling_factor=0.13025)
+    vocab = 2 * len(string.ascii_lowercase + string.digits + ",.!?'-") + 2
+    common = dict(vocab_size=vocab, max_position_embeddings=77, num_hidden_layers=2, num_attention_heads=2,
+                  bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+    te1 = CLIPTextModel(CLIPTextConfig(hidden_size=TEXT_1_WIDTH, intermediate_size=64, hidden_act="quick_gelu",
+                                       projection_dim=TEXT_1_WIDTH, **common))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=TEXT_2_WIDTH, intermediate_size=64, hidden_act="gelu",
+                                                     projection_dim=cfg.pooled_text_dim, **common))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
+                                       prediction_type="epsilon", interpolation_type="linear")
+    return {"unet": unet, "vae": vae, "text_encoder": te1, "text_encoder_2": te2, "scheduler": scheduler}
+
+
+def write_tiny_pipeline(directory: str | Path, seed: int = 0) -> Path:
+    """Write the tiny pipeline to `directory` in the diffusers layout; returns the directory."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    directory = Path(directory)
+    parts = tiny_components(seed)
+    tmp = directory / ".tokenizers"
+    write_tokenizer_files(tmp / "tokenizer", pad_token="<|endoftext|>")
+    write_tokenizer_files(tmp / "tokenizer_2", pad_token="!")  # SDXL's second tokenizer pads with "!"
+    pipe = StableDiffusionXLPipeline(tokenizer=CLIPTokenizer.from_pretrained(str(tmp / "tokenizer")),
+                                     tokenizer_2=CLIPTokenizer.from_pretrained(str(tmp / "tokenizer_2")), **parts)
+    pipe.save_pretrained(str(directory), safe_serialization=True)
+    for sub in ("tokenizer", "tokenizer_2"):  # keep our plain vocab files beside what save_pretrained wrote
+        for f in (tmp / sub).iterdir():
+            f.replace(directory / sub / f.name) if not (directory / sub / f.name).exists() else f.unlink()
+        (tmp / sub).rmdir()
+    tmp.rmdir()
+    return directory
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Write a tiny random SDXL pipeline (diffusers layout).")
+    p.add_argument("directory")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    print(write_tiny_pipeline(args.directory, args.seed))
+
+
+if __name__ == "__main__":
+    main()
