@@ -221,7 +221,7 @@ def _load_hub_dataset(name: str, data_dir: str | None) -> datasets.Dataset:
 
 
 def _hub_entries(hf: datasets.Dataset, image_column: str, caption_column: str):
-    """(the dataset with undecoded images, [(row, caption)]) after checking the column names."""
+    """(the image column, undecoded, and [(row, caption)]) after checking the column names."""
     for role, name in (("image_column", image_column), ("caption_column", caption_column)):
         if name not in hf.column_names:
             raise DataError(f"{role}={name!r} is not a column of the dataset; its columns are {hf.column_names}")
@@ -230,7 +230,7 @@ def _hub_entries(hf: datasets.Dataset, image_column: str, caption_column: str):
     if isinstance(hf.features[image_column], datasets.Image):
         hf = hf.cast_column(image_column, datasets.Image(decode=False))  # keep the encoded bytes: we hash them
     captions = ["" if c is None else str(c) for c in hf[caption_column]]
-    return hf, list(enumerate(captions))
+    return hf.select_columns([image_column]), list(enumerate(captions))  # rows are then read for their image only
 
 
 def _folder_entries(root: Path, image_column: str, caption_column: str) -> list[tuple[Path, str]]:
@@ -239,7 +239,14 @@ def _folder_entries(root: Path, image_column: str, caption_column: str) -> list[
         raise DataError(f"train_data_dir {str(root)!r} is not a folder")
     metadata = root / "metadata.jsonl"
     if metadata.is_file():
-        rows = [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(metadata.read_text().splitlines(), 1):
+            try:
+                rows += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as error:
+                raise DataError(f"{metadata} line {number} is not JSON: {error}") from error
+        if not rows:
+            raise DataError(f"{metadata} lists no images")
         columns = ["image"] + sorted({key for row in rows for key in row} - {"file_name"})
         for role, name in (("image_column", image_column), ("caption_column", caption_column)):
             if name not in columns:
@@ -247,10 +254,7 @@ def _folder_entries(root: Path, image_column: str, caption_column: str) -> list[
         for number, row in enumerate(rows, 1):
             if "file_name" not in row or caption_column not in row:
                 raise DataError(f"{metadata} line {number} lacks 'file_name' or {caption_column!r}: {row}")
-        entries = [(root / row["file_name"], str(row[caption_column])) for row in rows]
-        if not entries:
-            raise DataError(f"{metadata} lists no images")
-        return entries
+        return [(root / row["file_name"], str(row[caption_column])) for row in rows]
 
     # kohya's layout: cat.png with its caption in cat.txt, in the folder or below it.
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
@@ -300,13 +304,17 @@ class Dataset(torch.utils.data.Dataset):
         self.buckets = make_buckets(resolution) if bucketing else [(resolution, resolution)]
         self.epoch = 0  # used by __getitem__; see set_epoch
 
-        # Where the images are: rows of a datasets.Dataset, or files.
+        # Where the images are: rows of a datasets.Dataset, or files. As in diffusers' script, a
+        # Hub name together with train_data_dir loads that folder of the Hub dataset (data_dir).
         self._hf = None
         if isinstance(dataset_name, str):
             dataset_name = _load_hub_dataset(dataset_name, None if train_data_dir is None else str(train_data_dir))
+        elif dataset_name is not None and train_data_dir is not None:
+            raise DataError("give a datasets.Dataset or train_data_dir, not both")
         if dataset_name is not None:
             if not isinstance(dataset_name, datasets.Dataset):
-                raise DataError(f"dataset_name must be a name or a datasets.Dataset, got {type(dataset_name).__name__}")
+                hint = " (pick a split: dataset['train'])" if isinstance(dataset_name, datasets.DatasetDict) else ""
+                raise DataError(f"dataset_name must be a name or a datasets.Dataset, got {type(dataset_name).__name__}{hint}")
             self._hf, entries = _hub_entries(dataset_name, image_column, caption_column)
         elif train_data_dir is not None:
             entries = _folder_entries(Path(train_data_dir), image_column, caption_column)

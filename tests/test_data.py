@@ -406,6 +406,26 @@ def test_bad_arguments():
         Dataset(hf, resolution=64, max_train_samples=0)
     with pytest.raises(DataError, match="a name or a datasets.Dataset"):
         Dataset(["not", "a", "dataset"], resolution=64)
+    with pytest.raises(DataError, match=re.escape("pick a split: dataset['train']")):
+        Dataset(datasets.DatasetDict({"train": hf}), resolution=64)
+    with pytest.raises(DataError, match="not both"):
+        Dataset(hf, train_data_dir=".", resolution=64)
+
+
+def test_bad_metadata_jsonl(tmp_path):
+    write_image(tmp_path / "a.png", 64, 64)
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "ok"}\n{"file_name": "b.png", text}\n')
+    with pytest.raises(DataError, match="line 2 is not JSON"):
+        Dataset(train_data_dir=tmp_path, resolution=64)
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "ok"}\n{"file_name": "b.png"}\n')
+    with pytest.raises(DataError, match="line 2 lacks 'file_name' or 'text'"):
+        Dataset(train_data_dir=tmp_path, resolution=64)
+    (tmp_path / "metadata.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="lists no images"):
+        Dataset(train_data_dir=tmp_path, resolution=64)
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "ok"}\n{"file_name": "gone.png", "text": "x"}\n')
+    with pytest.warns(UserWarning, match="skipped 1 of 2 images: 1 unreadable.*gone.png"):
+        assert Dataset(train_data_dir=tmp_path, resolution=64).captions == ["ok"]
 
 
 # ------------------------------------------------------------------------------------------- demo
