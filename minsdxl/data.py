@@ -281,7 +281,13 @@ def _folder_entries(root: Path, image_column: str, caption_column: str) -> list[
 
 
 class Dataset(torch.utils.data.Dataset):
-    """Captioned images as SDXL training samples; sample `index` of epoch `epoch` is a pure function of (seed, epoch, index)."""
+    """Captioned images as SDXL training samples; sample `index` of epoch `epoch` is a pure function of (seed, epoch, index).
+
+    The arguments mean what the flags of the same names mean in diffusers'
+    `train_text_to_image_lora_sdxl.py`; `bucketing` and `seed` (of the crops, flips and the
+    max_train_samples subset) are ours. Every image is read once here, to learn its size and
+    hash and to skip the unreadable and the tiny ones.
+    """
 
     def __init__(
         self,
@@ -356,6 +362,7 @@ class Dataset(torch.utils.data.Dataset):
         return records
 
     def _read_bytes(self, source: Path | int) -> bytes:
+        """The encoded bytes of one image: a file's contents or a row's image value."""
         if isinstance(source, Path):
             return source.read_bytes()
         return _image_bytes(self._hf[source][self.image_column], f"row {source}")
@@ -365,6 +372,7 @@ class Dataset(torch.utils.data.Dataset):
 
     @property
     def captions(self) -> list[str]:
+        """The caption of every sample, in index order (e.g. to cache the text encoders' outputs)."""
         return [r.caption for r in self._records]
 
     def augmentation(self, epoch: int, index: int) -> Augmentation:
