@@ -1,0 +1,537 @@
+"""Training data: captioned images in, SDXL-ready tensors out.
+
+What one sample goes through (the steps of diffusers' `train_text_to_image_lora_sdxl.py`, plus
+the aspect-ratio buckets of kohya-ss/sd-scripts and of the SDXL paper):
+
+    file bytes --decode, EXIF rotation, RGB-->     image      (H0, W0)
+               --resize until it covers the target-->        (Hr, Wr)
+               --flip left-right (maybe)-->                  (Hr, Wr)
+               --crop at (top, left)-->                      (Ht, Wt)
+               --uint8 to [-1, 1]-->          pixels (3, Ht, Wt)
+    time_ids = (H0, W0, top, left, Ht, Wt)
+
+The time ids are SDXL's "micro-conditioning" (Podell et al. 2023, "SDXL", section 2.2): the UNet
+is told the original size, where the crop started and the size it must produce, so that at
+sampling time one can ask for "an uncropped 1024 x 1024 image" with (1024, 1024, 0, 0, 1024, 1024).
+The flip comes before the crop (as in diffusers and Stability's generative-models), so
+`crop_left` is measured in the flipped image.
+
+Target size: without bucketing every image is cropped to (resolution, resolution). With
+bucketing (`bucketing=True`) each image goes to the bucket, a (height, width) of about
+resolution^2 pixels, whose aspect ratio is nearest its own, so a wide image loses little to the
+crop; `BucketBatchSampler` then batches images of one bucket together.
+
+Randomness: the flip and the crop of sample `index` in epoch `epoch` come from a generator seeded
+with a hash of (seed, epoch, index), and the batch order of an epoch from one seeded with
+(seed, epoch). `Dataset.get(epoch, index)` is therefore a pure function, and resuming a run needs
+only the epoch and the number of batches already done (`BucketBatchSampler.set_epoch(e, skip_batches=k)`).
+
+Where data comes from (as with diffusers' script):
+- a Hub dataset by name, e.g. `lambdalabs/naruto-blip-captions` (columns `image`, `text`), loaded
+  with `datasets.load_dataset` (offline mode, HF_HUB_OFFLINE=1, is respected); or an in-memory
+  `datasets.Dataset`;
+- a local folder: images with a caption in a `.txt` file of the same name beside them
+  (kohya's layout), or a `metadata.jsonl` with one `{"file_name": ..., "text": ...}` per line
+  (the layout of diffusers' `imagefolder`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import warnings
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# Images with a side under 64 px are skipped: at SDXL's 1024 they would be upscaled 16x or
+# more, so they are almost certainly thumbnails or icons rather than training images.
+MIN_SIDE = 64
+# Bucket sides are multiples of 64, the step of kohya's and the SDXL paper's bucket tables. The
+# UNet itself needs multiples of 32: the VAE divides by 8 and the UNet's two downsamplings by 4.
+BUCKET_STEP = 64
+MAX_ASPECT = 2.0  # longest / shortest side of a bucket; wider images are cropped to 2:1
+# Part of every sample key: bump it when the preprocessing changes, so that latent caches
+# written by older code are not reused.
+KEY_VERSION = "minsdxl-data-1"
+EXIF_ORIENTATION = 0x0112  # values 5-8 mean the camera was turned 90 degrees
+
+
+class DataError(ValueError):
+    """Data that cannot be trained on; the message says what was found and what was expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """Everything that decides one sample's pixels besides the image itself: sizes, flip and crop."""
+
+    original_size: tuple[int, int]  # (H0, W0) of the decoded, EXIF-rotated image
+    resized_size: tuple[int, int]  # (Hr, Wr): the smallest size that covers the target, aspect kept
+    target_size: tuple[int, int]  # (Ht, Wt): (resolution, resolution), or the image's bucket
+    flip: bool  # mirrored left-right, before cropping
+    crop_top: int  # the crop's top-left corner in the resized (and flipped) image
+    crop_left: int
+
+    def time_ids(self) -> list[float]:
+        """SDXL's six size-conditioning numbers, in the UNet's order."""
+        return [*map(float, self.original_size), float(self.crop_top), float(self.crop_left), *map(float, self.target_size)]
+
+
+@dataclasses.dataclass
+class _Record:
+    """One usable image: where its bytes are, its caption, its size and a hash of its bytes."""
+
+    source: Path | int  # a file, or a row of the datasets.Dataset
+    caption: str
+    size: tuple[int, int]  # (H0, W0)
+    digest: str  # sha256 of the encoded image bytes
+
+
+# ------------------------------------------------------------------------------------- randomness
+
+
+def seeded_generator(*parts) -> torch.Generator:
+    """A torch.Generator seeded by a hash of `parts`, e.g. ("augment", seed, epoch, index).
+
+    Hashing gives unrelated streams for neighbouring tuples ((0, 1, 2) and (0, 2, 1) share nothing),
+    and the stream depends on nothing else: not on worker processes, not on what ran before.
+    """
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)  # 63-bit seed
+
+
+# ---------------------------------------------------------------------------------------- buckets
+
+
+def make_buckets(resolution: int) -> list[tuple[int, int]]:
+    """(height, width) buckets of at most resolution^2 pixels, sides multiples of 64, aspect <= 2.
+
+    Like kohya-ss/sd-scripts' `make_bucket_resolutions`: walk the width down from `resolution` in
+    steps of 64 and give each width the tallest height (a multiple of 64) that keeps the pixel
+    count; stop at the first 1:2 bucket. Each bucket also appears transposed. For 1024:
+    1024x1024, 1088x960, 1152x896, 1216x832, 1344x768, 1408x704 and their transposes.
+    """
+    if resolution % BUCKET_STEP:
+        raise DataError(f"bucketing needs a resolution that is a multiple of {BUCKET_STEP}, got {resolution}")
+    area = resolution * resolution
+    buckets = set()
+    for width in range(resolution, 0, -BUCKET_STEP):
+        height = min(area // width // BUCKET_STEP * BUCKET_STEP, int(MAX_ASPECT * width) // BUCKET_STEP * BUCKET_STEP)
+        buckets.update({(height, width), (width, height)})
+        if height >= MAX_ASPECT * width:  # narrower widths would only repeat 1:2 with fewer pixels
+            break
+    return sorted(buckets)
+
+
+def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> int:
+    """Index of the bucket whose aspect ratio is nearest the image's.
+
+    Ratios are compared as log(h / w), so that 2:1 and 1:2 are equally far from 1:1; a tie goes
+    to the first bucket in the list.
+    """
+    image = math.log(height / width)
+    return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i][0] / buckets[i][1]) - image))
+
+
+# ------------------------------------------------------------------------------ images and pixels
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Decode encoded image bytes to an RGB PIL image, upright (EXIF rotation applied).
+
+    Transparent pixels are put on white: `convert("RGB")` alone keeps whatever colour the
+    transparent pixels happen to store, often black.
+    """
+    image = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
+    return image.convert("RGB")
+
+
+def _probe(data: bytes) -> tuple[int, int]:
+    """(height, width) of an encoded image after EXIF rotation; raises if the file does not decode."""
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        rotated = image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
+        image.draft("RGB", (width // 8, height // 8))  # JPEG: decode at 1/8 scale, enough to prove the file is whole
+        image.load()
+    return (width, height) if rotated else (height, width)
+
+
+def apply_augmentation(image: Image.Image, aug: Augmentation) -> torch.Tensor:
+    """Resize, flip, crop and scale one RGB image as `aug` says. Returns pixels (3, Ht, Wt) in [-1, 1]."""
+    (h0, w0), (hr, wr), (ht, wt) = aug.original_size, aug.resized_size, aug.target_size
+    if image.size != (w0, h0):  # PIL sizes are (width, height)
+        raise DataError(f"image is {image.size[1]}x{image.size[0]} but the augmentation was planned for {h0}x{w0} "
+                        "(did the file change after the dataset was built?)")
+    image = image.resize((wr, hr), Image.Resampling.BILINEAR)  # as diffusers; PIL widens the filter when shrinking
+    if aug.flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # before the crop
+    image = image.crop((aug.crop_left, aug.crop_top, aug.crop_left + wt, aug.crop_top + ht))
+    array = np.array(image, dtype=np.uint8)  # (Ht, Wt, 3)
+    return torch.from_numpy(array).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, Ht, Wt), 0 -> -1, 255 -> 1
+
+
+def sample_key(image_digest: str, caption: str, aug: Augmentation) -> str:
+    """sha256 naming one sample's content: the image bytes, the caption and every size/flip/crop choice.
+
+    Two samples with the same key have the same pixels and caption, so it can name an entry of a
+    latent or text cache; a changed image, caption, resolution, bucket, flip or crop gives
+    another key. With random crop or flip an image has one key per decision it gets.
+    """
+    content = json.dumps([KEY_VERSION, image_digest, caption, dataclasses.astuple(aug)])
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
+def _image_bytes(value, where: str) -> bytes:
+    """The encoded bytes of one image-column value: datasets' {"bytes", "path"} dict, a path, bytes or a PIL image."""
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        return value["bytes"]
+    if isinstance(value, dict) and value.get("path") is not None:
+        return Path(value["path"]).read_bytes()
+    if isinstance(value, (str, Path)):
+        return Path(value).read_bytes()
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, Image.Image):
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        return buffer.getvalue()
+    raise DataError(f"{where}: cannot read an image from a {type(value).__name__}")
+
+
+# ---------------------------------------------------------------------------------------- sources
+
+
+def _load_hub_dataset(name: str, data_dir: str | None) -> datasets.Dataset:
+    """The train split of a Hub (or local `datasets`-loadable) dataset, as diffusers' script loads it."""
+    try:
+        return datasets.load_dataset(name, data_dir=data_dir, split="train")
+    except Exception as error:  # network, missing dataset, no train split: all mean "no data"
+        offline = " (offline mode is on, so it must already be in the local cache)" if datasets.config.HF_HUB_OFFLINE else ""
+        raise DataError(f"could not load dataset {name!r}{offline}: {type(error).__name__}: {error}") from error
+
+
+def _hub_entries(hf: datasets.Dataset, image_column: str, caption_column: str):
+    """(the image column, undecoded, and [(row, caption)]) after checking the column names."""
+    for role, name in (("image_column", image_column), ("caption_column", caption_column)):
+        if name not in hf.column_names:
+            raise DataError(f"{role}={name!r} is not a column of the dataset; its columns are {hf.column_names}")
+    if len(hf) == 0:
+        raise DataError("the dataset has no rows")
+    if isinstance(hf.features[image_column], datasets.Image):
+        hf = hf.cast_column(image_column, datasets.Image(decode=False))  # keep the encoded bytes: we hash them
+    captions = ["" if c is None else str(c) for c in hf[caption_column]]
+    return hf.select_columns([image_column]), list(enumerate(captions))  # rows are then read for their image only
+
+
+def _folder_entries(root: Path, image_column: str, caption_column: str) -> list[tuple[Path, str]]:
+    """[(image path, caption)] of a folder: from metadata.jsonl if there is one, else from .txt files."""
+    if not root.is_dir():
+        raise DataError(f"train_data_dir {str(root)!r} is not a folder")
+    metadata = root / "metadata.jsonl"
+    if metadata.is_file():
+        rows = []
+        for number, line in enumerate(metadata.read_text().splitlines(), 1):
+            try:
+                rows += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as error:
+                raise DataError(f"{metadata} line {number} is not JSON: {error}") from error
+        if not rows:
+            raise DataError(f"{metadata} lists no images")
+        columns = ["image"] + sorted({key for row in rows for key in row} - {"file_name"})
+        for role, name in (("image_column", image_column), ("caption_column", caption_column)):
+            if name not in columns:
+                raise DataError(f"{role}={name!r} is not a column of {metadata}; its columns are {columns}")
+        for number, row in enumerate(rows, 1):
+            if "file_name" not in row or caption_column not in row:
+                raise DataError(f"{metadata} line {number} lacks 'file_name' or {caption_column!r}: {row}")
+        return [(root / row["file_name"], str(row[caption_column])) for row in rows]
+
+    # kohya's layout: cat.png with its caption in cat.txt, in the folder or below it.
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(root).parts))  # skip .ipynb_checkpoints etc.
+    if not images:
+        raise DataError(f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)} files, in subfolders too)")
+    columns = ["image", "text"]  # what diffusers' imagefolder calls the image and the caption
+    for role, name in (("image_column", image_column), ("caption_column", caption_column)):
+        if name not in columns:
+            raise DataError(f"{role}={name!r} is not a column of {root} (image files with .txt captions); "
+                            f"its columns are {columns}")
+    captions = [p.with_suffix(".txt") for p in images]
+    missing = [p for p in captions if not p.is_file()]
+    if len(missing) == len(images):
+        raise DataError(f"{root} has {len(images)} images but no captions: put the caption of cat.png in cat.txt "
+                        'beside it, or write a metadata.jsonl with lines like {"file_name": "cat.png", "text": "a cat"}')
+    if missing:
+        warnings.warn(f"{len(missing)} of {len(images)} images in {root} have no .txt caption and get an empty one "
+                      f"(e.g. {missing[0].name})", stacklevel=3)
+    return [(p, c.read_text().strip() if c.is_file() else "") for p, c in zip(images, captions)]
+
+
+# ---------------------------------------------------------------------------------------- dataset
+
+
+class Dataset(torch.utils.data.Dataset):
+    """Captioned images as SDXL training samples; sample `index` of epoch `epoch` is a pure function of (seed, epoch, index).
+
+    The arguments mean what the flags of the same names mean in diffusers'
+    `train_text_to_image_lora_sdxl.py`; `bucketing` and `seed` (of the crops, flips and the
+    max_train_samples subset) are ours. Every image is read once here, to learn its size and
+    hash and to skip the unreadable and the tiny ones.
+    """
+
+    def __init__(
+        self,
+        dataset_name: str | datasets.Dataset | None = None,
+        train_data_dir: str | Path | None = None,
+        image_column: str = "image",
+        caption_column: str = "text",
+        resolution: int = 1024,
+        center_crop: bool = False,
+        random_flip: bool = False,
+        bucketing: bool = False,
+        max_train_samples: int | None = None,
+        seed: int = 0,
+    ):
+        if resolution < MIN_SIDE:
+            raise DataError(f"resolution must be at least {MIN_SIDE}, got {resolution}")
+        if max_train_samples is not None and max_train_samples < 1:
+            raise DataError(f"max_train_samples must be at least 1, got {max_train_samples}")
+        self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
+        self.buckets = make_buckets(resolution) if bucketing else [(resolution, resolution)]
+        self.epoch = 0  # used by __getitem__; see set_epoch
+
+        # Where the images are: rows of a datasets.Dataset, or files. As in diffusers' script, a
+        # Hub name together with train_data_dir loads that folder of the Hub dataset (data_dir).
+        self._hf = None
+        if isinstance(dataset_name, str):
+            dataset_name = _load_hub_dataset(dataset_name, None if train_data_dir is None else str(train_data_dir))
+        elif dataset_name is not None and train_data_dir is not None:
+            raise DataError("give a datasets.Dataset or train_data_dir, not both")
+        if dataset_name is not None:
+            if not isinstance(dataset_name, datasets.Dataset):
+                hint = " (pick a split: dataset['train'])" if isinstance(dataset_name, datasets.DatasetDict) else ""
+                raise DataError(f"dataset_name must be a name or a datasets.Dataset, got {type(dataset_name).__name__}{hint}")
+            self._hf, entries = _hub_entries(dataset_name, image_column, caption_column)
+        elif train_data_dir is not None:
+            entries = _folder_entries(Path(train_data_dir), image_column, caption_column)
+        else:
+            raise DataError("no data: give dataset_name (a Hub dataset) or train_data_dir (a folder of images)")
+        self.image_column = image_column
+
+        # Which entries to use: all, or max_train_samples of them in a seeded random order (as diffusers).
+        order = list(range(len(entries)))
+        if max_train_samples is not None:
+            order = torch.randperm(len(entries), generator=seeded_generator("subset", seed)).tolist()
+        self._records = self._scan([entries[i] for i in order], max_train_samples)
+        self.bucket_ids = [nearest_bucket(*r.size, self.buckets) for r in self._records]
+
+    def _scan(self, entries: list, limit: int | None) -> list[_Record]:
+        """Read and check each image once (size, decodability, hash); warn once about the ones skipped."""
+        records, unreadable, tiny = [], [], []
+        for source, caption in entries:
+            if limit is not None and len(records) == limit:
+                break
+            where = str(source) if isinstance(source, Path) else f"row {source}"
+            try:
+                data = self._read_bytes(source)
+                height, width = _probe(data)
+            except Exception as error:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+                unreadable.append(f"{where} ({type(error).__name__}: {error})")
+                continue
+            if min(height, width) < MIN_SIDE:
+                tiny.append(f"{where} ({height}x{width})")
+                continue
+            records.append(_Record(source, caption, (height, width), hashlib.sha256(data).hexdigest()))
+        skipped = unreadable + tiny
+        if skipped:
+            message = (f"skipped {len(skipped)} of {len(records) + len(skipped)} images: {len(unreadable)} unreadable, "
+                       f"{len(tiny)} smaller than {MIN_SIDE} px: " + "; ".join(skipped[:5]) + ("; ..." if len(skipped) > 5 else ""))
+            if not records:
+                raise DataError("no usable images: " + message)
+            warnings.warn(message, stacklevel=3)
+        return records
+
+    def _read_bytes(self, source: Path | int) -> bytes:
+        """The encoded bytes of one image: a file's contents or a row's image value."""
+        if isinstance(source, Path):
+            return source.read_bytes()
+        return _image_bytes(self._hf[source][self.image_column], f"row {source}")
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @property
+    def captions(self) -> list[str]:
+        """The caption of every sample, in index order (e.g. to cache the text encoders' outputs)."""
+        return [r.caption for r in self._records]
+
+    def augmentation(self, epoch: int, index: int) -> Augmentation:
+        """The size, flip and crop decision for sample `index` in `epoch`; needs no image decoding."""
+        h0, w0 = self._records[index].size
+        ht, wt = self.buckets[self.bucket_ids[index]]
+        scale = max(ht / h0, wt / w0)  # the smallest scale at which the image covers the target
+        hr, wr = max(ht, round(h0 * scale)), max(wt, round(w0 * scale))
+        generator = seeded_generator("augment", self.seed, epoch, index)
+        flip = self.random_flip and torch.rand((), generator=generator).item() < 0.5
+        if self.center_crop:
+            top, left = round((hr - ht) / 2), round((wr - wt) / 2)  # diffusers: int(round((h - resolution) / 2.0))
+        else:
+            top = int(torch.randint(0, hr - ht + 1, (), generator=generator))
+            left = int(torch.randint(0, wr - wt + 1, (), generator=generator))
+        return Augmentation((h0, w0), (hr, wr), (ht, wt), flip, top, left)
+
+    def key(self, epoch: int, index: int) -> str:
+        """The sample key `get(epoch, index)` returns, computed without reading the image."""
+        record = self._records[index]
+        return sample_key(record.digest, record.caption, self.augmentation(epoch, index))
+
+    def get(self, epoch: int, index: int) -> dict:
+        """Sample `index` as it is in `epoch`: pixels (3, Ht, Wt) in [-1, 1], caption, time_ids (6,), index, key."""
+        record = self._records[index]
+        aug = self.augmentation(epoch, index)
+        data = self._read_bytes(record.source)
+        return {
+            "pixels": apply_augmentation(open_image(data), aug),
+            "caption": record.caption,
+            "time_ids": torch.tensor(aug.time_ids()),  # (orig_h, orig_w, crop_top, crop_left, target_h, target_w)
+            "index": index,
+            "key": sample_key(hashlib.sha256(data).hexdigest(), record.caption, aug),
+        }
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch `dataset[i]` reads. A DataLoader copies the dataset into its workers when an
+        epoch's iteration starts, so call this before iterating (and keep persistent_workers=False)."""
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict:
+        return self.get(self.epoch, index)
+
+
+# ---------------------------------------------------------------------------------------- batches
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Batches of indices that share a bucket, in an order that is a pure function of (seed, epoch); shardable over ranks."""
+
+    def __init__(self, bucket_ids: list[int], batch_size: int, seed: int = 0, drop_last: bool = False,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in range(world_size={world_size})")
+        self.batch_size, self.seed, self.drop_last, self.rank, self.world_size = batch_size, seed, drop_last, rank, world_size
+        self.members: dict[int, list[int]] = {}  # bucket id -> the dataset indices in it
+        for index, bucket in enumerate(bucket_ids):
+            self.members.setdefault(bucket, []).append(index)
+        per_bucket = [len(m) // batch_size if drop_last else math.ceil(len(m) / batch_size) for m in self.members.values()]
+        total = sum(per_bucket)
+        self.batches_per_epoch = total // world_size  # per rank; the same in every epoch
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{len(bucket_ids)} images make {total} batches of {batch_size}: "
+                             f"fewer than one per rank for {world_size} ranks")
+        self.epoch, self.skip_batches = 0, 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Iterate over `epoch`'s batches, leaving out the first `skip_batches` (those done before a resume)."""
+        if not 0 <= skip_batches <= self.batches_per_epoch:
+            raise ValueError(f"skip_batches={skip_batches} is not in [0, {self.batches_per_epoch}]")
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of `epoch`, in training order."""
+        generator = seeded_generator("batches", self.seed, epoch)
+        batches = []
+        for bucket in sorted(self.members):
+            members = self.members[bucket]
+            shuffled = [members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
+            for start in range(0, len(shuffled), self.batch_size):
+                batch = shuffled[start:start + self.batch_size]
+                if len(batch) == self.batch_size or not self.drop_last:
+                    batches.append(batch)
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]  # mix the buckets
+        # Deal the batches round-robin; the last len % world_size are left out this epoch, so that
+        # every rank takes the same number of steps and no image is seen twice.
+        batches = batches[: self.batches_per_epoch * self.world_size]
+        return batches[self.rank :: self.world_size]
+
+    def __iter__(self):
+        yield from self.epoch_batches(self.epoch)[self.skip_batches:]
+
+    def __len__(self) -> int:
+        """Batches the next iteration yields: the epoch's, less those skipped."""
+        return self.batches_per_epoch - self.skip_batches
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack samples into a batch with the same keys: pixels (B, 3, H, W), time_ids (B, 6), index (B,), caption and key lists."""
+    sizes = sorted({tuple(item["pixels"].shape[1:]) for item in items})
+    if len(sizes) > 1:
+        raise ValueError(f"a batch mixes image sizes {sizes}: with bucketing, batch with BucketBatchSampler")
+    return {
+        "pixels": torch.stack([item["pixels"] for item in items]),  # (B, 3, H, W)
+        "caption": [item["caption"] for item in items],
+        "time_ids": torch.stack([item["time_ids"] for item in items]),  # (B, 6)
+        "index": torch.tensor([item["index"] for item in items]),  # (B,)
+        "key": [item["key"] for item in items],
+    }
+
+
+def drop_caption(captions: list[str], p: float, generator: torch.Generator | None = None) -> list[str]:
+    """Replace each caption by "" with probability p (caption dropout).
+
+    The empty caption is the unconditional input of classifier-free guidance (Ho & Salimans
+    2022); training on it now and then teaches the model what "no prompt" means.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"caption dropout probability must be in [0, 1], got {p}")
+    drop = torch.rand(len(captions), generator=generator) < p  # (B,)
+    return ["" if dropped else caption for caption, dropped in zip(captions, drop.tolist())]
+
+
+# ------------------------------------------------------------------------------------ demo dataset
+
+DEMO_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 80, 220),
+                "yellow": (240, 200, 40), "white": (245, 245, 245), "black": (20, 20, 20)}
+DEMO_SHAPES = ("circle", "square", "triangle")
+
+
+def make_demo_dataset(directory: str | Path, n: int = 16, resolution: int = 64, seed: int = 0) -> Path:
+    """Write n captioned pictures of coloured shapes (000.png + 000.txt, ...) into `directory`.
+
+    Generated by code, so the demo needs no download and no licence: "a red circle on a blue
+    background" and so on, the shapes cycling and the colours, size and position drawn from
+    `seed`. The same arguments write the same files.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    names = list(DEMO_COLOURS)
+    for i in range(n):
+        generator = seeded_generator("demo", seed, i)
+        shape = DEMO_SHAPES[i % len(DEMO_SHAPES)]
+        colour, background = (names[j] for j in torch.randperm(len(names), generator=generator)[:2].tolist())
+        u = torch.rand(3, generator=generator).tolist()
+        half = resolution * (0.2 + 0.15 * u[0])  # half the shape's size: 20% to 35% of the picture
+        cx = half + (resolution - 2 * half) * u[1]  # centre, kept inside the picture
+        cy = half + (resolution - 2 * half) * u[2]
+        image = Image.new("RGB", (resolution, resolution), DEMO_COLOURS[background])
+        draw = ImageDraw.Draw(image)
+        box = (cx - half, cy - half, cx + half, cy + half)
+        if shape == "circle":
+            draw.ellipse(box, fill=DEMO_COLOURS[colour])
+        elif shape == "square":
+            draw.rectangle(box, fill=DEMO_COLOURS[colour])
+        else:
+            draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=DEMO_COLOURS[colour])
+        image.save(directory / f"{i:03d}.png")
+        (directory / f"{i:03d}.txt").write_text(f"a {colour} {shape} on a {background} background\n")
+    return directory
