@@ -1,0 +1,308 @@
+"""Loading SDXL weights from every official layout, checked against the reference models.
+
+A tiny random pipeline is written by `minsdxl.tiny` (diffusers layout) and rewritten by the tests
+into Stability's single-file layout (SGM UNet names, OpenCLIP text encoder 2, LDM VAE names, fp16),
+the `.fp16` variant and a sharded set. Every loader must give the reference models' outputs.
+"""
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, convert_open_clip_checkpoint
+from safetensors.torch import load_file, save_file
+
+from minsdxl import UNet, UNetConfig, convert
+from minsdxl.loading import LoadError, encode_text, load_text_encoders, load_tokenizers, load_unet, load_vae
+from minsdxl.tiny import write_tiny_pipeline
+from tests import reference_configs
+from tests.test_unet import CONFIGS
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = write_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipe")
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(root))
+    return root, pipe
+
+
+def unet_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([999, 10]), torch.randn(2, 77, 64, generator=g),
+            torch.randn(2, 32, generator=g), torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2))
+
+
+def assert_unet_matches(ours, ref_unet, atol=0.0):
+    x, t, ctx, pooled, tid = unet_inputs()
+    with torch.no_grad():
+        expected = ref_unet(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": tid}).sample
+        got = ours(x, t, ctx.to(ours.conv_in.weight.dtype), pooled.to(ours.conv_in.weight.dtype), tid).float()
+    assert (got - expected).abs().max().item() <= atol
+
+
+# --- the inverse conversions a test needs to write Stability's layout ------------------------------
+
+def transformers_to_open_clip(sd):
+    out = {}
+    for k, v in sd.items():
+        if k == "text_projection.weight":
+            out["text_projection"] = v.T.contiguous()
+            continue
+        rev = {b: a for a, b in convert.OPENCLIP_TOP.items()}
+        if k in rev:
+            out[rev[k]] = v
+            continue
+        if k.endswith("position_ids"):
+            continue
+        layer, rest = k.split(".layers.")[1].split(".", 1)
+        base = f"transformer.resblocks.{layer}"
+        if rest.startswith("self_attn.q_proj."):
+            kind = rest.rsplit(".", 1)[1]
+            parts = [sd[f"text_model.encoder.layers.{layer}.self_attn.{n}_proj.{kind}"] for n in "qkv"]
+            out[f"{base}.attn.in_proj_{kind}"] = torch.cat(parts)
+        elif rest.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
+            continue
+        else:
+            for a, b in convert.OPENCLIP_LAYER:
+                if rest.startswith(b + "."):
+                    rest = a + rest[len(b):]
+            out[f"{base}.{rest}"] = v
+    return out
+
+
+def diffusers_vae_to_ldm(sd, levels):
+    out = {}
+    for k, v in sd.items():
+        n = k
+        for i in range(levels):
+            n = n.replace(f"encoder.down_blocks.{i}.resnets.", f"encoder.down.{i}.block.")
+            n = n.replace(f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.")
+            n = n.replace(f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{levels - 1 - i}.block.")
+            n = n.replace(f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{levels - 1 - i}.upsample.")
+        n = n.replace("mid_block.resnets.0", "mid.block_1").replace("mid_block.resnets.1", "mid.block_2")
+        n = n.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+        if "mid_block.attentions.0." in n:
+            n = n.replace("mid_block.attentions.0.", "mid.attn_1.")
+            for a, b in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
+                n = n.replace(f".{a}.", f".{b}.")
+            if v.dim() == 2:
+                v = v[:, :, None, None]  # LDM's attention projections are 1x1 convs
+        out[n] = v
+    return out
+
+
+def write_single_file(root, path, with_metadata=True, dtype=torch.float16):
+    """The tiny pipeline as Stability's single file: SGM/OpenCLIP/LDM names under their prefixes, fp16."""
+    unet = load_file(str(root / "unet/diffusion_pytorch_model.safetensors"))
+    te1 = load_file(str(root / "text_encoder/model.safetensors"))
+    te2 = load_file(str(root / "text_encoder_2/model.safetensors"))
+    vae = load_file(str(root / "vae/diffusion_pytorch_model.safetensors"))
+    vae_cfg = json.loads((root / "vae/config.json").read_text())
+    sd = {convert.SGM_UNET_PREFIX + k: v for k, v in convert.unet_diffusers_to_sgm(unet).items()}
+    sd.update({convert.SGM_TE1_PREFIX + k: v for k, v in te1.items()})
+    sd.update({convert.SGM_TE2_PREFIX + k: v for k, v in transformers_to_open_clip(te2).items()})
+    sd.update({convert.SGM_VAE_PREFIX + k: v for k, v in diffusers_vae_to_ldm(vae, len(vae_cfg["block_out_channels"])).items()})
+    metadata = None
+    if with_metadata:
+        configs = {"unet": json.loads((root / "unet/config.json").read_text()), "vae": vae_cfg,
+                   "text_encoder": json.loads((root / "text_encoder/config.json").read_text()),
+                   "text_encoder_2": json.loads((root / "text_encoder_2/config.json").read_text())}
+        metadata = {"minsdxl.configs": json.dumps(configs)}
+    save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
+    return sd
+
+
+# --- key conversion -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(CONFIGS) + ["sdxl_base"])
+def test_sgm_conversion_agrees_with_diffusers_converter(name):
+    cfg = UNetConfig.sdxl_base() if name == "sdxl_base" else CONFIGS[name]
+    device = "meta" if name == "sdxl_base" else "cpu"
+    with torch.device(device):
+        sd = UNet(cfg).state_dict()
+    sgm = convert.unet_diffusers_to_sgm(sd)
+    assert convert.unet_sgm_to_diffusers(sgm).keys() == sd.keys()  # round trip
+    oracle = convert_ldm_unet_checkpoint({convert.SGM_UNET_PREFIX + k: v for k, v in sgm.items()}, cfg.to_diffusers_config())
+    assert oracle.keys() == sd.keys()
+    assert all(oracle[k] is sd[k] for k in sd)  # each tensor lands under the same name
+
+
+def test_module_path_mapping_examples():
+    cfg = UNetConfig.sdxl_base()
+    assert convert.diffusers_path_to_sgm("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", cfg) == \
+        "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+    assert convert.diffusers_path_to_sgm("up_blocks.0.upsamplers.0.conv", cfg) == "output_blocks.2.2.conv"
+    assert convert.diffusers_path_to_sgm("up_blocks.2.resnets.1.conv_shortcut", cfg) == "output_blocks.7.0.skip_connection"
+    assert convert.sgm_path_to_diffusers("middle_block.1.proj_in", cfg) == "mid_block.attentions.0.proj_in"
+
+
+def test_open_clip_conversion_agrees_with_diffusers(tiny):
+    root, pipe = tiny
+    te2 = load_file(str(root / "text_encoder_2/model.safetensors"))
+    open_clip = {convert.SGM_TE2_PREFIX + k: v for k, v in transformers_to_open_clip(te2).items()}
+    oracle = convert_open_clip_checkpoint(pipe.text_encoder_2, open_clip, prefix=convert.SGM_TE2_PREFIX)
+    ours = convert.open_clip_to_transformers({k[len(convert.SGM_TE2_PREFIX):]: v for k, v in open_clip.items()})
+    assert ours.keys() == oracle.keys()
+    assert all(torch.equal(ours[k], oracle[k]) for k in ours)
+
+
+# --- every layout ---------------------------------------------------------------------------------
+
+def test_diffusers_pipeline_folder(tiny):
+    root, pipe = tiny
+    assert_unet_matches(load_unet(root), pipe.unet)
+    assert_unet_matches(load_unet(root / "unet"), pipe.unet)
+    assert_unet_matches(load_unet(root / "unet/diffusion_pytorch_model.safetensors"), pipe.unet)
+    te, tok = load_text_encoders(root), load_tokenizers(root)
+    ctx, pooled = encode_text(te, tok, ["a red circle", ""])
+    ref_ctx, _, ref_pooled, _ = pipe.encode_prompt(["a red circle", ""], do_classifier_free_guidance=False)
+    assert ctx.shape == (2, 77, 64) and torch.equal(ctx, ref_ctx) and torch.equal(pooled, ref_pooled)
+    img = torch.rand(1, 3, 64, 64) * 2 - 1
+    vae = load_vae(root)
+    assert torch.equal(vae.encode(img).latent_dist.mean, pipe.vae.encode(img).latent_dist.mean)
+
+
+def test_single_file_fp16_loads_every_component(tiny, tmp_path):
+    root, pipe = tiny
+    path = tmp_path / "sd_xl_tiny.safetensors"
+    write_single_file(root, path)
+    ref = copy.deepcopy(pipe.unet).half().float()  # the same fp16-rounded weights
+    unet = load_unet(path, dtype=torch.float32)
+    assert_unet_matches(unet, ref, atol=1e-5)
+    assert load_unet(path, dtype=torch.bfloat16).conv_in.weight.dtype == torch.bfloat16
+    te1, te2 = load_text_encoders(path)
+    for ours, theirs in ((te1, pipe.text_encoder), (te2, pipe.text_encoder_2)):
+        for k, v in theirs.state_dict().items():
+            assert torch.equal(ours.state_dict()[k], v.half().float()), k
+    vae = load_vae(path)
+    for k, v in pipe.vae.state_dict().items():
+        assert torch.equal(vae.state_dict()[k], v.half().float()), k
+    # The oracle converter reads the same file to the same VAE tensors.
+    sd = load_file(str(path))
+    oracle = convert_ldm_vae_checkpoint(sd, json.loads((root / "vae/config.json").read_text()))
+    assert all(torch.equal(oracle[k].float(), vae.state_dict()[k]) for k in oracle)
+
+
+def test_bare_sgm_unet_without_config_infers_it(tmp_path):
+    # A config following SDXL's conventions (head dim 64, 32 groups, 6 x 256 time features) loads
+    # from shapes alone.
+    cfg = UNetConfig(block_out_channels=(64, 128), layers_per_block=1, transformer_depth=(0, 2), mid_transformer_depth=1,
+                     num_heads=(1, 2), cross_attention_dim=64, pooled_text_dim=32, addition_time_embed_dim=256, norm_num_groups=32)
+    torch.manual_seed(0)
+    ref = UNet(cfg)
+    save_file(convert.unet_diffusers_to_sgm(ref.state_dict()), str(tmp_path / "bare.safetensors"))
+    ours = load_unet(tmp_path / "bare.safetensors")
+    assert ours.config == cfg
+    g = torch.Generator().manual_seed(0)
+    x, ctx, pooled = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 7, 64, generator=g), torch.randn(1, 32, generator=g)
+    tid = torch.tensor([[64.0, 64, 0, 0, 64, 64]])
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in ref.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, 5, ctx, pooled, tid), ref(x, 5, ctx, pooled, tid), rtol=0, atol=1e-5)
+
+
+def test_fp16_variant_and_sharded(tiny, tmp_path):
+    root, pipe = tiny
+    variant = tmp_path / "variant"
+    shutil.copytree(root, variant)
+    unet_file = variant / "unet/diffusion_pytorch_model.safetensors"
+    sd = load_file(str(unet_file))
+    unet_file.unlink()
+    save_file({k: v.half() for k, v in sd.items()}, str(variant / "unet/diffusion_pytorch_model.fp16.safetensors"))
+    assert_unet_matches(load_unet(variant, variant="fp16"), copy.deepcopy(pipe.unet).half().float(), atol=1e-5)
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(root / "unet", sharded)
+    (sharded / "diffusion_pytorch_model.safetensors").unlink()
+    keys = sorted(sd)
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        name = f"diffusion_pytorch_model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: sd[k] for k in part}, str(sharded / name))
+        weight_map.update(dict.fromkeys(part, name))
+    (sharded / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert_unet_matches(load_unet(sharded), pipe.unet)
+
+
+def test_hub_repo_id_downloads_only_what_is_needed(tiny, monkeypatch):
+    root, pipe = tiny
+    asked = []
+
+    def fake_snapshot_download(repo, allow_patterns):
+        asked.append((repo, allow_patterns))
+        return str(root)
+
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert_unet_matches(load_unet("someone/tiny-sdxl"), pipe.unet)
+    repo, patterns = asked[0]
+    assert repo == "someone/tiny-sdxl" and all(p.startswith(("unet/", "model_index")) for p in patterns)
+
+
+def test_hub_offline_without_cache_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(LoadError, match="nobody/not-cached.*could not fetch"):
+        load_unet("nobody/not-cached")
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+def test_bad_files_name_the_file_and_the_problem(tiny, tmp_path):
+    root, _ = tiny
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00\x01 this is not a model" * 10)
+    with pytest.raises(LoadError, match="garbage.safetensors: not a safetensors file"):
+        load_unet(garbage)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(LoadError, match="empty.safetensors: the file is empty"):
+        load_unet(empty)
+    data = (root / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(LoadError, match="cut.safetensors: truncated"):
+        load_unet(cut)
+    for suffix in (".ckpt", ".bin", ".pt"):
+        pickle = tmp_path / f"model{suffix}"
+        pickle.write_bytes(b"PK")
+        with pytest.raises(LoadError, match=r"pickle checkpoint.*can run arbitrary code.*save_file"):
+            load_unet(pickle)
+
+
+def test_other_models_are_not_sdxl_base(tiny, tmp_path):
+    root, _ = tiny
+    sd = load_file(str(root / "unet/diffusion_pytorch_model.safetensors"))
+    sgm = convert.unet_diffusers_to_sgm(sd)
+    # SD 1.x/2.x: no size conditioning.
+    sd15 = {convert.SGM_UNET_PREFIX + k: v for k, v in sgm.items() if not k.startswith("label_emb")}
+    save_file(sd15, str(tmp_path / "sd15.safetensors"))
+    with pytest.raises(LoadError, match="sd15.safetensors: not an SDXL base UNet.*no size conditioning"):
+        load_unet(tmp_path / "sd15.safetensors")
+    # The refiner, recognised from its config.
+    refiner = tmp_path / "refiner"
+    shutil.copytree(root / "unet", refiner)
+    (refiner / "config.json").write_text(json.dumps(reference_configs.SDXL_REFINER))
+    with pytest.raises(LoadError, match="not an SDXL base UNet: found the SDXL refiner"):
+        load_unet(refiner)
+
+
+def test_missing_unexpected_and_misshapen_keys(tiny, tmp_path):
+    root, _ = tiny
+    sd = load_file(str(root / "unet/diffusion_pytorch_model.safetensors"))
+    folder = tmp_path / "u"
+    shutil.copytree(root / "unet", folder)
+    broken = dict(sd)
+    del broken["conv_out.bias"]
+    broken["extra.weight"] = torch.zeros(1)
+    save_file(broken, str(folder / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(LoadError, match=r"1 missing \(first ten: \['conv_out.bias'\]\), 1 unexpected .*extra.weight"):
+        load_unet(folder)
+    broken = dict(sd)
+    broken["conv_out.bias"] = torch.zeros(5)
+    save_file(broken, str(folder / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(LoadError, match=r"1 tensors have the wrong shape.*conv_out.bias: file \(5,\) vs model \(4,\)"):
+        load_unet(folder)
