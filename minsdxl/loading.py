@@ -21,7 +21,6 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from . import convert
 from .config import ConfigError, UNetConfig
@@ -76,23 +75,43 @@ def _metadata_config(metadata: dict, component: str) -> dict | None:
     return json.loads(metadata[CONFIG_METADATA_KEY]).get(component) if CONFIG_METADATA_KEY in metadata else None
 
 
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
 class TensorSource:
-    """The tensors of one or more safetensors files, read one at a time on demand (memory-mapped)."""
+    """The tensors of one or more safetensors files, read one at a time on demand.
+
+    Each tensor's bytes are read with a plain positioned read into a fresh buffer, not through a
+    memory map: mapped file pages count in the process's resident memory, so reading a 5 GB file
+    through mmap while building a 5 GB model would double the peak. Here the peak is the model
+    plus one tensor."""
 
     def __init__(self, files: list[Path]):
-        self.files, self.where, self.shapes, self.metadata = files, {}, {}, {}
+        self.files, self.where, self.shapes, self.metadata, self.entries = files, {}, {}, {}, {}
         for f in files:
             header, meta = read_header(f)
             self.metadata.update(meta)
-            for name, (_, shape) in header.items():
+            with open(f, "rb") as fh:  # read_header checked it; now the byte offsets
+                n = struct.unpack("<Q", fh.read(8))[0]
+                raw, data_start = json.loads(fh.read(n)), 8 + n
+            for name, (dtype, shape) in header.items():
+                start, end = raw[name]["data_offsets"]
                 self.where[name], self.shapes[name] = f, tuple(shape)
-        self._handles = {}
+                self.entries[name] = (dtype, data_start + start, end - start)
 
     def get(self, name: str) -> torch.Tensor:
-        f = self.where[name]
-        if f not in self._handles:
-            self._handles[f] = safe_open(str(f), framework="pt")
-        return self._handles[f].get_tensor(name)
+        dtype, offset, size = self.entries[name]
+        buf = bytearray(size)
+        with open(self.where[name], "rb") as fh:
+            fh.seek(offset)
+            fh.readinto(buf)
+        if dtype not in SAFETENSORS_DTYPES:
+            raise LoadError(f"{self.where[name]}: tensor '{name}' has dtype {dtype}, which minsdxl cannot read")
+        if size == 0:
+            return torch.empty(self.shapes[name], dtype=SAFETENSORS_DTYPES[dtype])
+        return torch.frombuffer(buf, dtype=SAFETENSORS_DTYPES[dtype]).view(self.shapes[name])
 
 
 def _materialize(model: torch.nn.Module, names: dict[str, str], src: TensorSource, dtype, device, where: str,
@@ -261,7 +280,7 @@ def load_text_encoders(source: str | os.PathLike, dtype: torch.dtype = torch.flo
         config = CLIPTextConfig(**json.loads((folder / "config.json").read_text()))
         with torch.device("meta"):
             model = cls(config)
-        names = {k: k for k in src.where if not k.endswith("position_ids")}
+        names = _align_names([k for k in src.where if not k.endswith("position_ids")], model)
         models.append(_materialize(model, names, src, dtype, device, str(folder)).eval().requires_grad_(False))
     if models:
         return tuple(models)
@@ -280,9 +299,32 @@ def load_text_encoders(source: str | os.PathLike, dtype: torch.dtype = torch.flo
     cfg2 = _metadata_config(src.metadata, "text_encoder_2") or convert.infer_clip_text_config(te2_state, with_projection=True)
     with torch.device("meta"):
         m1, m2 = CLIPTextModel(CLIPTextConfig(**cfg1)), CLIPTextModelWithProjection(CLIPTextConfig(**cfg2))
-    m1 = _materialize(m1, te1, src, dtype, device, f"{path} (text encoder 1)")
-    m2 = _materialize(m2, {k: k for k in te2_state}, src, dtype, device, f"{path} (text encoder 2)", transform=te2_state)
+    aligned1 = _align_names(list(te1), m1)
+    m1 = _materialize(m1, {k: te1[v] for k, v in aligned1.items()}, src, dtype, device, f"{path} (text encoder 1)")
+    aligned2 = _align_names(list(te2_state), m2)
+    m2 = _materialize(m2, aligned2, src, dtype, device, f"{path} (text encoder 2)",
+                      transform={k: te2_state[v] for k, v in aligned2.items()})
     return m1.eval().requires_grad_(False), m2.eval().requires_grad_(False)
+
+
+def _align_names(file_keys: list[str], model) -> dict[str, str]:
+    """{model key: file key}. Files name CLIP weights `text_model.*`; transformers 5's CLIPTextModel
+    drops that prefix from its own names (and renames on load), so we add or strip it as needed."""
+    model_keys = set(model.state_dict())
+    out = {}
+    for k in file_keys:
+        for candidate in (k, k.removeprefix("text_model."), "text_model." + k):
+            if candidate in model_keys:
+                out[candidate] = k
+                break
+        else:
+            out[k] = k  # reported as unexpected by _materialize
+    return out
+
+
+def text_encoder_module_name(path: str) -> str:
+    """A CLIP text-encoder module path as LoRA files name it (always under `text_model.`)."""
+    return path if path.startswith(("text_model.", "text_projection")) else "text_model." + path
 
 
 def load_tokenizers(source: str | os.PathLike):

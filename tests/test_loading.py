@@ -102,7 +102,8 @@ def write_single_file(root, path, with_metadata=True, dtype=torch.float16):
     vae = load_file(str(root / "vae/diffusion_pytorch_model.safetensors"))
     vae_cfg = json.loads((root / "vae/config.json").read_text())
     sd = {convert.SGM_UNET_PREFIX + k: v for k, v in convert.unet_diffusers_to_sgm(unet).items()}
-    sd.update({convert.SGM_TE1_PREFIX + k: v for k, v in te1.items()})
+    # The official file names text encoder 1's weights `text_model.*` (transformers 5 models drop it).
+    sd.update({convert.SGM_TE1_PREFIX + ("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in te1.items()})
     sd.update({convert.SGM_TE2_PREFIX + k: v for k, v in transformers_to_open_clip(te2).items()})
     sd.update({convert.SGM_VAE_PREFIX + k: v for k, v in diffusers_vae_to_ldm(vae, len(vae_cfg["block_out_channels"])).items()})
     metadata = None

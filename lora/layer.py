@@ -1,0 +1,137 @@
+"""The LoRA layer: a frozen base layer plus a trainable low-rank update.
+
+    y = base(x) + up(down(dropout(x))) * scale,    scale = alpha / rank   (Hu et al. 2021, "LoRA")
+
+`down` (A, rank x in) starts Kaiming-uniform and `up` (B, out x rank) starts at zero, so the
+output is unchanged at initialisation (the paper's Section 4.1; peft and kohya do the same).
+rsLoRA (Kalajdzievski 2023) uses scale = alpha / sqrt(rank). DoRA (Liu et al. 2024) splits the
+weight into a magnitude per output channel and a direction: W' = m * (W + scale BA) / ||W + scale BA||.
+Linear layers and convolutions share the code: for a conv, `down` is a conv with the base's
+kernel, stride and padding and `up` a 1x1 conv (LoCon).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LoRALayer(nn.Module):
+    """Wraps an nn.Linear or nn.Conv2d; only `lora_down`, `lora_up` (and DoRA's `magnitude`) train."""
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float | None = None, *, dropout: float = 0.0,
+                 rank_dropout: float = 0.0, module_dropout: float = 0.0, dora: bool = False, init: str = "kaiming",
+                 rslora: bool = False, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.base = base
+        self.rank, self.alpha = rank, float(rank if alpha is None else alpha)
+        self.scale = self.alpha / (math.sqrt(rank) if rslora else rank)
+        self.multiplier = 1.0  # runtime strength, e.g. 0.8 when sampling; not part of training
+        self.dropout, self.rank_dropout, self.module_dropout = nn.Dropout(dropout), rank_dropout, module_dropout
+        self.merged = False
+        factory = dict(device=base.weight.device, dtype=dtype or base.weight.dtype)  # next to the base weight
+        if isinstance(base, nn.Linear):
+            self.lora_down = nn.Linear(base.in_features, rank, bias=False, **factory)
+            self.lora_up = nn.Linear(rank, base.out_features, bias=False, **factory)
+        elif isinstance(base, nn.Conv2d):
+            if base.groups != 1:
+                raise ValueError("LoRA on grouped convolutions is not supported")
+            self.lora_down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
+                                       base.dilation, bias=False, **factory)
+            self.lora_up = nn.Conv2d(rank, base.out_channels, 1, bias=False, **factory)
+        else:
+            raise TypeError(f"LoRA wraps nn.Linear or nn.Conv2d, not {type(base).__name__}")
+        self.reset_parameters(init)
+        self.magnitude = None
+        if dora:  # m starts as the per-output-channel norm of W, so W' = W at initialisation
+            self.magnitude = nn.Parameter(self._weight_norm(base.weight.to(factory["dtype"])).detach())
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str = "kaiming") -> None:
+        if self.lora_down.weight.is_meta:
+            return
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))  # nn.Linear's own default init
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_down.weight, std=1.0 / self.rank)
+        else:
+            raise ValueError(f"init must be 'kaiming' or 'gaussian', not '{init}'")
+        nn.init.zeros_(self.lora_up.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B @ A in the base weight's shape (out, in) or (out, in, kh, kw)."""
+        up, down = self.lora_up.weight, self.lora_down.weight
+        if isinstance(self.base, nn.Linear):
+            delta = up @ down  # (out, r) @ (r, in)
+        else:
+            delta = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)  # 1x1 up after a kxk down
+        return delta * self.scale
+
+    @staticmethod
+    def _weight_norm(weight: torch.Tensor) -> torch.Tensor:
+        """L2 norm of each output channel's weights: (out,)."""
+        return weight.flatten(1).norm(dim=1)
+
+    def _base_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        b = self.base
+        if isinstance(b, nn.Linear):
+            return F.linear(x, weight)
+        return F.conv2d(x, weight, None, b.stride, b.padding, b.dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged or self.multiplier == 0.0:
+            return out
+        if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
+            return out  # kohya's module dropout: skip the whole adapter for this step
+        lx = self.dropout(x).to(self.lora_down.weight.dtype)
+        h = self.lora_down(lx)  # (..., r) or (B, r, H, W)
+        if self.training and self.rank_dropout:  # kohya's rank dropout: zero whole ranks, rescale the rest
+            if isinstance(self.base, nn.Conv2d):
+                shape = (h.shape[0], self.rank, 1, 1)  # per sample and rank
+            else:
+                shape = (h.shape[0],) + (1,) * (h.dim() - 2) + (self.rank,)  # per sample and rank, all tokens alike
+            keep = (torch.rand(shape, device=h.device) >= self.rank_dropout).to(h.dtype)
+            h = h * keep / (1.0 - self.rank_dropout)
+        lora = self.lora_up(h) * (self.scale * self.multiplier)
+        if self.magnitude is None:
+            return out + lora.to(out.dtype)
+        # DoRA, as peft computes it: the norm is detached (the paper's Section 4.3 memory saving).
+        weight = self.base.weight.to(lx.dtype)
+        norm = self._weight_norm(weight + self.delta_weight().detach() * self.multiplier).detach()
+        ratio = (self.magnitude / norm).view(1, -1, *([1] * (out.dim() - 2))) if out.dim() == 4 else self.magnitude / norm
+        return out + ((ratio - 1) * self._base_op(lx, weight) + ratio * lora).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight (faster inference); `unmerge` undoes it."""
+        if self.merged:
+            return
+        w = self.base.weight
+        delta = self.delta_weight().float() * self.multiplier
+        if self.magnitude is None:
+            w.copy_((w.float() + delta).to(w.dtype))
+        else:
+            combined = w.float() + delta
+            self._merge_norm = self._weight_norm(combined)
+            w.copy_((combined * (self.magnitude.float() / self._merge_norm).view(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        w = self.base.weight
+        delta = self.delta_weight().float() * self.multiplier
+        if self.magnitude is None:
+            w.copy_((w.float() - delta).to(w.dtype))
+        else:
+            combined = w.float() * (self._merge_norm / self.magnitude.float()).view(-1, *([1] * (w.dim() - 1)))
+            w.copy_((combined - delta).to(w.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:.4g}, dora={self.magnitude is not None}"
