@@ -45,20 +45,21 @@ class NoiseSchedule:
         """σ_t = sqrt((1 - ā_t) / ā_t) for every training timestep, (T,): 0.029 at t=0, 14.6 at t=999."""
         return ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
 
-    def _coefficients(self, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """sqrt(ā_t) and sqrt(1 - ā_t) for integer timesteps t (B,), shaped (B, 1, ..., 1) to broadcast."""
-        a = self.alphas_cumprod.to(t.device)[t.long()]  # (B,) fp32
-        shape = (-1,) + (1,) * (ndim - 1)
+    def _coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(ā_t) and sqrt(1 - ā_t) for integer timesteps t (B,), fp32 on like's device, shaped (B, 1, ..., 1)
+        to broadcast against like (B, ...)."""
+        a = self.alphas_cumprod.to(like.device)[t.to(like.device).long()]  # (B,) fp32
+        shape = (-1,) + (1,) * (like.ndim - 1)
         return (a**0.5).view(shape), ((1 - a) ** 0.5).view(shape)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(ā_t) x0 + sqrt(1 - ā_t) ε. x0, noise (B, ...); t (B,) integer timesteps."""
-        signal, noise_level = self._coefficients(t, x0.ndim)
+        signal, noise_level = self._coefficients(t, x0)
         return (signal * x0.float() + noise_level * noise.float()).to(x0.dtype)
 
     def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v_t = sqrt(ā_t) ε - sqrt(1 - ā_t) x0 (Salimans & Ho 2022, "Progressive Distillation", sec. 4)."""
-        signal, noise_level = self._coefficients(t, x0.ndim)
+        signal, noise_level = self._coefficients(t, x0)
         return (signal * noise.float() - noise_level * x0.float()).to(x0.dtype)
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
