@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) demo.py
+	$(PY) train.py --demo --output_dir out/demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
