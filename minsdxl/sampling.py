@@ -145,8 +145,8 @@ def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
 
 def sample_euler(model: EpsFn, noise: torch.Tensor, timesteps: torch.Tensor, sigmas: torch.Tensor,
                  prediction_type: str = "epsilon") -> torch.Tensor:
-    """Euler's method on the probability-flow ODE dx/dσ = (x - D(x; σ)) / σ (Karras et al. 2022, eq. 3 with
-    σ(t) = t, s(t) = 1; Algorithm 1 without its second-order correction)."""
+    """Euler's method on the probability-flow ODE dx/dσ = (x - D(x; σ)) / σ (Karras et al. 2022, eqs. 1 and 3
+    with σ(t) = t, s(t) = 1; Algorithm 1 without its second-order correction)."""
     # x_N = x0 + σ_max ε has variance Var[x0] + σ_max² ≈ 1 + σ_max² for unit-variance latents; this is
     # the scale diffusers starts from with "leading" spacing (and the same start as DDIM's z = ε).
     x = noise * (sigmas[0] ** 2 + 1) ** 0.5
@@ -181,7 +181,8 @@ def sample_euler_ancestral(model: EpsFn, noise: torch.Tensor, timesteps: torch.T
 def sample_ddim(model: EpsFn, noise: torch.Tensor, timesteps: torch.Tensor, sigmas: torch.Tensor,
                 prediction_type: str = "epsilon") -> torch.Tensor:
     """DDIM with eta = 0 (Song et al. 2021, eq. 12 with σ_t = 0), in terms of z = α x0 + s ε:
-    z_next = α_next x0̂ + s_next ε̂, "the predicted x0" plus "the direction pointing to x_t"."""
+    z_next = α_next x0̂ + s_next ε̂, "the predicted x0" plus "the direction pointing to x_t".
+    α and s come from σ (α² = ā up to fp32 rounding); the last step lands on t = 0, not on x0̂."""
     z = noise  # DDIM starts from z = ε: unit variance, no scaling
     for i, t in enumerate(timesteps):
         alpha, s = vp_coefficients(sigmas[i])
@@ -235,7 +236,8 @@ def sample(eps_fn: EpsFn, noise: torch.Tensor, steps: int, sampler: str = "euler
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     if karras and sampler == "ddim":
-        raise ValueError("karras=True does not apply to ddim: DDIM steps between training timesteps")
+        raise ValueError("karras=True is offered for euler, euler_a and dpmpp_2m, not ddim (diffusers' "
+                         "DDIMScheduler steps on integer training timesteps only)")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
 

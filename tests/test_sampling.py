@@ -188,7 +188,7 @@ def test_bad_arguments_are_refused():
     eps_fn, noise = make_eps_fn(), torch.randn(1, 4, 8, 8)
     with pytest.raises(ValueError, match="sampler must be one of"):
         sample(eps_fn, noise, 10, "heun")
-    with pytest.raises(ValueError, match="does not apply to ddim"):
+    with pytest.raises(ValueError, match="not ddim"):
         sample(eps_fn, noise, 10, "ddim", karras=True)
     with pytest.raises(ValueError, match="prediction_type"):
         sample(eps_fn, noise, 10, prediction_type="sample")
