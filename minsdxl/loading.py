@@ -101,17 +101,23 @@ class TensorSource:
                 self.where[name], self.shapes[name] = f, tuple(shape)
                 self.entries[name] = (dtype, data_start + start, end - start)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, scratch: bool = False) -> torch.Tensor:
+        """The tensor `name`. With scratch=True it lives in a reused buffer, valid until the next call:
+        for a tensor that is converted right away, this saves allocating (and page-faulting) it."""
         dtype, offset, size = self.entries[name]
-        buf = bytearray(size)
-        with open(self.where[name], "rb") as fh:
-            fh.seek(offset)
-            fh.readinto(buf)
         if dtype not in SAFETENSORS_DTYPES:
             raise LoadError(f"{self.where[name]}: tensor '{name}' has dtype {dtype}, which minsdxl cannot read")
-        if size == 0:
-            return torch.empty(self.shapes[name], dtype=SAFETENSORS_DTYPES[dtype])
-        return torch.frombuffer(buf, dtype=SAFETENSORS_DTYPES[dtype]).view(self.shapes[name])
+        if scratch:
+            if getattr(self, "_scratch", None) is None or self._scratch.numel() < size:
+                self._scratch = torch.empty(max(size, 64 * 2**20), dtype=torch.uint8)
+            buf = self._scratch[:size]
+        else:
+            buf = torch.empty(size, dtype=torch.uint8)  # uninitialised: the read fills it
+        with open(self.where[name], "rb", buffering=0) as fh:
+            fh.seek(offset)
+            if size and fh.readinto(memoryview(buf.numpy())) != size:
+                raise LoadError(f"{self.where[name]}: could not read tensor '{name}' (file changed or truncated)")
+        return buf.view(SAFETENSORS_DTYPES[dtype]).view(self.shapes[name])
 
 
 def _materialize(model: torch.nn.Module, names: dict[str, str], src: TensorSource, dtype, device, where: str,
@@ -129,8 +135,14 @@ def _materialize(model: torch.nn.Module, names: dict[str, str], src: TensorSourc
         raise LoadError(f"{where}: {len(wrong)} tensors have the wrong shape (first ten: {wrong[:10]})")
     state = {}
     for key in expected:
-        tensor = src.get(names[key]) if transform is None else transform[key]
-        state[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        if transform is not None:
+            tensor = transform[key]
+        else:
+            file_dtype = SAFETENSORS_DTYPES.get(src.entries[names[key]][0])
+            converts = file_dtype != dtype or torch.device(device).type != "cpu"
+            tensor = src.get(names[key], scratch=converts and file_dtype is not None and file_dtype.is_floating_point)
+        target = dtype if tensor.is_floating_point() else tensor.dtype
+        state[key] = tensor.to(device=device, dtype=target)  # a new tensor whenever `tensor` is scratch
     model.load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers are not in any file and stay on `meta`; CLIP's position ids are the only
     # kind our models have, and they are just 0..L-1.
