@@ -8,9 +8,9 @@ Nothing here knows about SDXL; minsdxl.lora_files passes the SDXL names in.
 """
 
 from .files import load_file, read_file, save_file
-from .inject import InjectionReport, LoRAError, inject, lora_layers, merge, remove, set_scale, state_dict, unmerge
+from .inject import InjectionReport, LoRAError, bake, inject, lora_layers, merge, remove, set_scale, state_dict, unmerge
 from .layer import LoRALayer
 from .matching import compile_pattern, matches
 
-__all__ = ["inject", "InjectionReport", "LoRAError", "LoRALayer", "lora_layers", "merge", "unmerge", "remove",
+__all__ = ["inject", "bake", "InjectionReport", "LoRAError", "LoRALayer", "lora_layers", "merge", "unmerge", "remove",
            "set_scale", "state_dict", "save_file", "load_file", "read_file", "matches", "compile_pattern"]

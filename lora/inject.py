@@ -149,6 +149,15 @@ def remove(model: nn.Module) -> None:
         p.requires_grad_(flags.get(n, p.requires_grad))
 
 
+def bake(model: nn.Module) -> None:
+    """Merge every adapter into its base weight for good and drop the LoRA layers (inference with
+    several LoRAs: load one, bake it, load the next)."""
+    for path, layer in lora_layers(model).items():
+        layer.merge()
+        parent_path, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, name, layer.base)
+
+
 def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter tensors, by `<module path>.lora_down.weight` / `.lora_up.weight` / `.magnitude`."""
     out = {}
