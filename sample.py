@@ -1,0 +1,213 @@
+"""sample.py: generate SDXL images with the base model and LoRAs.
+
+    python sample.py --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
+        --prompt "a photo of a corgi" --lora out/pytorch_lora_weights.safetensors:0.8 --compare
+
+Any source `minsdxl.load_unet` accepts works (single file, diffusers folder, Hub id); `--lora`
+takes kohya or diffusers LoRA files (ours or downloaded), repeatable, each with an optional
+`:SCALE`. Image i of a prompt uses seed `--seed + i`, so any one image can be made again alone.
+The text -> latents -> image steps are in `minsdxl/generate.py`, the samplers in
+`minsdxl/sampling.py`. `python sample.py --demo` runs on a tiny random SDXL on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, PngImagePlugin
+
+import lora
+from minsdxl.generate import GenerationError, Models, generate
+from minsdxl.loading import LoadError, load_text_encoders, load_tokenizers, load_unet, load_vae
+from minsdxl.lora_files import load_sdxl_lora
+from minsdxl.sampling import SAMPLERS
+from minsdxl.tiny import write_tiny_pipeline
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pretrained_model_name_or_path", help="single .safetensors file, diffusers folder or Hub repo id")
+    p.add_argument("--pretrained_vae_model_name_or_path", help="another VAE, e.g. madebyollin/sdxl-vae-fp16-fix")
+    p.add_argument("--variant", help="diffusers weight variant, e.g. fp16")
+    p.add_argument("--prompt", action="append", help="repeatable: one set of images per prompt")
+    p.add_argument("--negative_prompt", default="", help="the same for every prompt; empty = SDXL's zero conditioning")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA file and its strength (default 1.0); repeatable: several LoRAs are merged in turn")
+    p.add_argument("--merge_lora", action="store_true", help="fold the LoRA into the weights (faster steps)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--sampler", choices=SAMPLERS, default="euler")
+    p.add_argument("--karras", action="store_true", help="Karras sigma spacing (euler, euler_a, dpmpp_2m)")
+    p.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--num_images", type=int, default=1, help="images per prompt, seeds seed, seed+1, ...")
+    p.add_argument("--output_dir", default="samples")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", choices=DTYPES, help="UNet and text encoders; default bf16 (fp16 without bf16) on CUDA, fp32 on CPU")
+    p.add_argument("--vae_dtype", choices=DTYPES, default="fp32",
+                   help="the SDXL VAE overflows to NaN in fp16; fp32 (default) or bf16 are safe")
+    p.add_argument("--vae_tiling", action="store_true", help="decode in overlapping tiles (large images)")
+    p.add_argument("--lowvram", action="store_true",
+                   help="keep models on the CPU; move each stage to the GPU only while it runs (8-12 GB cards)")
+    p.add_argument("--compare", action="store_true",
+                   help="also generate without the LoRAs (same prompts and seeds) and save a side-by-side grid")
+    p.add_argument("--demo", action="store_true", help="a tiny random SDXL on the CPU, no download")
+    return p.parse_args(argv)
+
+
+def parse_lora_spec(spec: str) -> tuple[Path, float]:
+    """'file.safetensors:0.8' -> (Path, 0.8); without ':SCALE' the scale is 1.0. A path may contain ':'
+    (C:\\...), so only a last part that parses as a number is a scale."""
+    path, _, tail = spec.rpartition(":")
+    try:
+        scale = float(tail)
+    except ValueError:
+        path, scale = spec, 1.0
+    if not path:
+        path, scale = spec, 1.0
+    if not Path(path).is_file():
+        raise SystemExit(f"sample.py: error: --lora {spec}: no such file '{path}'")
+    return Path(path), scale
+
+
+def check_args(args: argparse.Namespace) -> None:
+    def fail(msg):
+        raise SystemExit(f"sample.py: error: {msg}")
+    if not args.pretrained_model_name_or_path:
+        fail("--pretrained_model_name_or_path is required (or --demo for a tiny random model)")
+    if not args.prompt:
+        fail("--prompt is required")
+    if args.width % 8 or args.height % 8:
+        fail(f"--width {args.width} and --height {args.height} must be multiples of 8 (the VAE's factor)")
+    if args.compare and not args.lora:
+        fail("--compare compares the base model with LoRAs: give at least one --lora")
+    if args.steps < 1 or args.num_images < 1:
+        fail("--steps and --num_images must be at least 1")
+
+
+def pick_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
+    if args.dtype:
+        return DTYPES[args.dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # a T4 has no bf16
+    return torch.float32  # bf16 matmuls are slow on most CPUs
+
+
+def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Models:
+    """All four parts; with --lowvram they stay on the CPU until their stage runs."""
+    home = torch.device("cpu") if args.lowvram else device
+    src = args.pretrained_model_name_or_path
+    try:
+        unet = load_unet(src, dtype=dtype, device=home, variant=args.variant)
+        text_encoders = load_text_encoders(src, dtype=dtype, device=home, variant=args.variant)
+        tokenizers = load_tokenizers(src)
+        vae = load_vae(args.pretrained_vae_model_name_or_path or src, dtype=DTYPES[args.vae_dtype], device=home)
+    except LoadError as e:
+        raise SystemExit(f"sample.py: error: {e}") from None
+    return Models(unet.eval(), vae.eval(), text_encoders, tokenizers)
+
+
+def apply_loras(models: Models, specs: list[tuple[Path, float]], merge: bool) -> None:
+    """Load each LoRA into the UNet (and text encoders) at its scale. One LoRA stays a separate layer
+    unless `merge`; several are each loaded, scaled and baked into the weights in turn, so they add up."""
+    parts = [models.unet, *models.text_encoders]
+    for path, scale in specs:
+        try:
+            load_sdxl_lora(models.unet, path, text_encoders=models.text_encoders, strict=True)
+        except (lora.LoRAError, LoadError) as e:
+            raise SystemExit(f"sample.py: error: --lora {path}: {e}") from None
+        layers = [layer for m in parts for layer in lora.lora_layers(m).values()]
+        if all(not layer.lora_up.weight.any() for layer in layers):
+            print(f"warning: {path} changes nothing: every up matrix is zero (saved before any training step?)")
+        print(f"LoRA {path}: {len(layers)} modules at scale {scale}")
+        for m in parts:
+            lora.set_scale(m, scale)
+            if merge or len(specs) > 1:
+                lora.bake(m)
+
+
+def save_image(image: Image.Image, path: Path, info: dict) -> None:
+    """PNG with the generation settings in a text chunk (readable with `PIL.Image.open(p).text`)."""
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("minsdxl", json.dumps(info))
+    image.save(path, pnginfo=meta)
+
+
+def compare_grid(base: list[Image.Image], with_lora: list[Image.Image], row_titles: list[str],
+                 column_titles: tuple[str, str]) -> Image.Image:
+    """One row per (prompt, seed): base | LoRA, with a title over each column and a caption per row."""
+    w, h = base[0].size
+    title_h, caption_h = 20, 16
+    grid = Image.new("RGB", (2 * w, title_h + len(base) * (h + caption_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, title in enumerate(column_titles):
+        draw.text((c * w + 4, 4), title, fill="black")
+    for r, (left, right, caption) in enumerate(zip(base, with_lora, row_titles)):
+        y = title_h + r * (h + caption_h)
+        draw.text((4, y + 2), caption[: 2 * w // 6], fill="black")  # about 6 pixels per character
+        grid.paste(left, (0, y + caption_h))
+        grid.paste(right, (w, y + caption_h))
+    return grid
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Generate; returns {"images": [paths], "grid": path or None}."""
+    if args.demo:
+        args.pretrained_model_name_or_path = args.pretrained_model_name_or_path or str(
+            write_tiny_pipeline(Path(args.output_dir) / "tiny-sdxl"))
+        args.prompt = args.prompt or ["a red circle on a blue square"]
+        if (args.width, args.height) == (1024, 1024):
+            args.width = args.height = 64
+        args.steps = min(args.steps, 10)
+    check_args(args)
+    specs = [parse_lora_spec(s) for s in args.lora]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = pick_dtype(args, device)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    models = load_models(args, device, dtype)
+    settings = dict(steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler, karras=args.karras,
+                    width=args.width, height=args.height, device=device, dtype=dtype, lowvram=args.lowvram,
+                    vae_tiling=args.vae_tiling, prediction_type=args.prediction_type)
+    jobs = [(p_i, prompt, args.seed + i) for p_i, prompt in enumerate(args.prompt) for i in range(args.num_images)]
+
+    def run_all(tag: str) -> tuple[list[Image.Image], list[Path]]:
+        images, paths = [], []
+        for p_i, prompt, seed in jobs:
+            try:
+                image = generate(models, [prompt], [args.negative_prompt], seed=seed, **settings)[0]
+            except GenerationError as e:
+                raise SystemExit(f"sample.py: error: {e}") from None
+            path = out / f"{tag}{p_i:02d}_seed{seed}.png"
+            info = {"prompt": prompt, "negative_prompt": args.negative_prompt, "seed": seed, "lora": args.lora if tag != "base_" else [],
+                    "model": args.pretrained_model_name_or_path, **{k: str(v) for k, v in settings.items()}}
+            save_image(image, path, info)
+            images.append(image)
+            paths.append(path)
+        return images, paths
+
+    # 1. Without LoRAs, only for --compare
+    base_images, base_paths = run_all("base_") if args.compare else ([], [])
+    # 2. With the LoRAs (or the base model alone when none is given)
+    apply_loras(models, specs, args.merge_lora)
+    images, paths = run_all("")
+    grid_path = None
+    if args.compare:
+        loras = ", ".join(f"{p.name}:{s:g}" for p, s in specs)
+        rows = [f"seed {seed}: {prompt}" for _, prompt, seed in jobs]
+        grid_path = out / "compare.png"
+        compare_grid(base_images, images, rows, ("base", f"+ {loras}")).save(grid_path)
+    for p in [*base_paths, *paths, *([grid_path] if grid_path else [])]:
+        print(f"wrote {p}")
+    return {"images": paths, "base_images": base_paths, "grid": grid_path}
+
+
+if __name__ == "__main__":
+    main(parse_args())

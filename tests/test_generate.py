@@ -1,0 +1,176 @@
+"""minsdxl.generate and sample.py on the tiny pipeline: equal to StableDiffusionXLPipeline, LoRAs
+applied (scaled, merged, several), the comparison grid, NaN detection and clear errors."""
+
+import pytest
+import safetensors.torch
+import torch
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, StableDiffusionXLPipeline)
+from PIL import Image
+
+import lora
+import sample
+from minsdxl import load_text_encoders, load_tokenizers, load_unet, load_vae
+from minsdxl.generate import GenerationError, Models, generate
+from minsdxl.lora_files import save_sdxl_lora
+from minsdxl.tiny import write_tiny_pipeline
+from tests.test_sampling import SDXL_SCHEDULER_CONFIG
+
+SCHEDULERS = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
+              "ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return write_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipe")
+
+
+def models_of(root) -> Models:
+    return Models(load_unet(root), load_vae(root), load_text_encoders(root), load_tokenizers(root))
+
+
+def lora_file(root, path, seed=1, targets=("to_q", "to_k", "to_v", "to_out.0")):
+    """A LoRA file with random (non-zero) up matrices, as if trained."""
+    unet = load_unet(root)
+    lora.inject(unet, list(targets), rank=4, alpha=4)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora.lora_layers(unet).values():
+            layer.lora_up.weight.copy_(torch.randn(layer.lora_up.weight.shape, generator=g) * 0.3)
+    return save_sdxl_lora(unet, path, format="kohya")
+
+
+@pytest.mark.parametrize("sampler", list(SCHEDULERS))
+@pytest.mark.parametrize("negative", ["", "blurry"])
+def test_latents_equal_the_diffusers_pipeline(tiny_dir, sampler, negative):
+    ours = generate(models_of(tiny_dir), ["a cat", "a dog"], [negative] * 2, steps=6, guidance_scale=5.0,
+                    sampler=sampler, seed=3, width=64, height=64, return_latents=True)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_dir))
+    pipe.scheduler = SCHEDULERS[sampler].from_config(SDXL_SCHEDULER_CONFIG)  # the real model's scheduler config
+    # diffusers zeroes the negative conditioning only when no negative prompt is given (None); ours does for ""
+    theirs = pipe(["a cat", "a dog"], negative_prompt=[negative] * 2 if negative else None, num_inference_steps=6, guidance_scale=5.0,
+                  width=64, height=64, generator=torch.Generator().manual_seed(3), output_type="latent").images
+    assert ours.abs().max() > 0.1
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_images_equal_the_diffusers_pipeline(tiny_dir):
+    ours = generate(models_of(tiny_dir), ["a cat"], steps=4, seed=5, width=64, height=64)[0]
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_dir))
+    theirs = pipe("a cat", num_inference_steps=4, guidance_scale=5.0, width=64, height=64,
+                  generator=torch.Generator().manual_seed(5)).images[0]
+    diff = torch.tensor(list(ours.getdata())).float() - torch.tensor(list(theirs.getdata())).float()
+    assert ours.size == theirs.size == (64, 64)
+    assert diff.abs().max() <= 1  # rounding to 8 bits may differ by one level
+
+
+def test_nan_from_the_vae_is_an_error_not_a_black_png(tiny_dir, tmp_path, monkeypatch):
+    models = models_of(tiny_dir)
+    with torch.no_grad():
+        models.vae.decoder.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(GenerationError, match="fp16-fix"):
+        generate(models, ["a cat"], steps=2, width=64, height=64)
+    monkeypatch.setattr(sample, "load_models", lambda *a: models)
+    with pytest.raises(SystemExit, match="VAE decoded NaN"):
+        sample.main(sample.parse_args(["--pretrained_model_name_or_path", str(tiny_dir), "--prompt", "x",
+                                       "--steps", "2", "--width", "64", "--height", "64", "--output_dir", str(tmp_path)]))
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_nan_from_the_unet_is_reported(tiny_dir):
+    models = models_of(tiny_dir)
+    with torch.no_grad():
+        models.unet.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(GenerationError, match="UNet produced NaN"):
+        generate(models, ["a cat"], steps=2, width=64, height=64)
+
+
+def args_for(tiny_dir, out, *extra):
+    return sample.parse_args(["--pretrained_model_name_or_path", str(tiny_dir), "--prompt", "a red ball",
+                              "--steps", "3", "--width", "64", "--height", "64", "--output_dir", str(out), *extra])
+
+
+def pixels(path):
+    return torch.tensor(list(Image.open(path).convert("RGB").getdata())).float()
+
+
+def test_sample_with_lora_and_compare_grid(tiny_dir, tmp_path):
+    path = lora_file(tiny_dir, tmp_path / "style.safetensors")
+    result = sample.main(args_for(tiny_dir, tmp_path / "out", "--lora", f"{path}:0.9", "--compare",
+                                  "--num_images", "2", "--prompt", "a blue cube"))
+    out = tmp_path / "out"
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == ["00_seed0.png", "00_seed1.png", "01_seed0.png", "01_seed1.png", "base_00_seed0.png",
+                     "base_00_seed1.png", "base_01_seed0.png", "base_01_seed1.png", "compare.png"]
+    grid = Image.open(result["grid"])
+    assert grid.size == (2 * 64, 20 + 4 * (64 + 16))  # 4 rows (2 prompts x 2 seeds), base | LoRA
+    assert (pixels(out / "00_seed0.png") - pixels(out / "base_00_seed0.png")).abs().mean() > 1  # the LoRA acts
+    assert (pixels(out / "00_seed0.png") - pixels(out / "00_seed1.png")).abs().mean() > 1  # the seed acts
+    # the base column equals a run without any LoRA, and the settings are in the PNG
+    sample.main(args_for(tiny_dir, tmp_path / "plain", "--num_images", "2"))
+    assert torch.equal(pixels(out / "base_00_seed1.png"), pixels(tmp_path / "plain" / "00_seed1.png"))
+    assert '"seed": 1' in Image.open(out / "00_seed1.png").text["minsdxl"]
+
+
+def lora_latents(tiny_dir, specs, merge):
+    models = models_of(tiny_dir)
+    sample.apply_loras(models, specs, merge)
+    return generate(models, ["a cat"], steps=3, width=64, height=64, seed=2, return_latents=True)
+
+
+def test_lora_scale_merge_and_several_loras(tiny_dir, tmp_path):
+    a = lora_file(tiny_dir, tmp_path / "a.safetensors", seed=1)
+    b = lora_file(tiny_dir, tmp_path / "b.safetensors", seed=2, targets=("ff.net.2", "to_k"))
+    base = lora_latents(tiny_dir, [], False)
+    full = lora_latents(tiny_dir, [(a, 1.0)], False)
+    assert (full - base).abs().max() > 1e-2
+    torch.testing.assert_close(lora_latents(tiny_dir, [(a, 0.0)], False), base)  # scale 0 = no LoRA
+    torch.testing.assert_close(lora_latents(tiny_dir, [(a, 1.0)], True), full, rtol=1e-4, atol=1e-4)  # merged
+    # Several LoRAs add up: A at 0.5 twice is A at 1.0.
+    torch.testing.assert_close(lora_latents(tiny_dir, [(a, 0.5), (a, 0.5)], False), full, rtol=1e-4, atol=1e-4)
+    both = lora_latents(tiny_dir, [(a, 1.0), (b, 1.0)], False)
+    assert (both - full).abs().max() > 1e-3
+
+
+def test_zero_lora_warns(tiny_dir, tmp_path, capsys):
+    unet = load_unet(tiny_dir)
+    lora.inject(unet, ["to_q"], rank=2)  # up matrices still zero: saved before any training step
+    path = save_sdxl_lora(unet, tmp_path / "z.safetensors")
+    sample.apply_loras(models_of(tiny_dir), [(path, 1.0)], False)
+    assert "changes nothing" in capsys.readouterr().out
+
+
+def test_vae_tiling_and_lowvram_run(tiny_dir, tmp_path, monkeypatch):
+    calls = []
+    original = type(load_vae(tiny_dir)).tiled_decode
+    monkeypatch.setattr(type(load_vae(tiny_dir)), "tiled_decode",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    args = sample.parse_args(["--pretrained_model_name_or_path", str(tiny_dir), "--prompt", "a red ball", "--steps", "2",
+                              "--width", "128", "--height", "128", "--output_dir", str(tmp_path),
+                              "--vae_tiling", "--lowvram"])
+    result = sample.main(args)
+    assert calls  # 128 px is above the tiny VAE's 64 px tile: the tiled path ran
+    assert Image.open(result["images"][0]).size == (128, 128)
+
+
+def test_bad_input_gets_a_clear_error(tiny_dir, tmp_path):
+    with pytest.raises(SystemExit, match="no such file 'missing.safetensors'"):
+        sample.main(args_for(tiny_dir, tmp_path, "--lora", "missing.safetensors:0.7"))
+    with pytest.raises(SystemExit, match="--compare compares"):
+        sample.main(args_for(tiny_dir, tmp_path, "--compare"))
+    with pytest.raises(SystemExit, match="multiples of 8"):
+        sample.main(args_for(tiny_dir, tmp_path, "--width", "100"))
+    # a LoRA for another model: its keys fit no module of this UNet
+    other = tmp_path / "sd15.safetensors"
+    safetensors.torch.save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 4),
+                                 "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(4, 2),
+                                 "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(2.0)}, str(other))
+    with pytest.raises(SystemExit, match="sd15.safetensors.*fit no SDXL module"):
+        sample.main(args_for(tiny_dir, tmp_path, "--lora", str(other)))
+    assert sample.parse_lora_spec(f"{other}:0.25") == (other, 0.25)
+    assert sample.parse_lora_spec(str(other)) == (other, 1.0)
+
+
+def test_demo_runs(tmp_path):
+    result = sample.main(sample.parse_args(["--demo", "--output_dir", str(tmp_path), "--steps", "2"]))
+    assert Image.open(result["images"][0]).size == (64, 64)
