@@ -121,6 +121,20 @@ def test_zero_matches_is_an_error_and_leaves_the_model_alone():
     assert report.unmatched_patterns == ["to_query"]
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_bake_keeps_the_scaled_effect_and_drops_the_layers(dora):
+    model = toy()
+    lora.inject(model, ["to_q", "proj"], rank=3, alpha=6, dora=dora)
+    randomize_adapters(model)
+    lora.set_scale(model, 0.5)
+    scaled = model(X)
+    lora.bake(model)
+    assert not lora.lora_layers(model) and type(model.a.to_q) is nn.Linear
+    torch.testing.assert_close(model(X), scaled, rtol=1e-5, atol=1e-5)
+    lora.inject(model, ["to_q"], rank=2)  # a second LoRA goes on top of the baked one
+    torch.testing.assert_close(model(X), scaled, rtol=1e-5, atol=1e-5)
+
+
 def test_adapters_follow_the_base_device_and_dtype():
     with torch.device("meta"):
         model = Toy()
