@@ -133,9 +133,29 @@ def apply_loras(models: Models, specs: list[tuple[Path, float]], merge: bool) ->
                 lora.bake(m)
 
 
+# Our sampler names as AUTOMATIC1111's web UI writes them, so its "PNG Info" tab and other tools read our PNGs.
+A1111_SAMPLERS = {"euler": "Euler", "euler_a": "Euler a", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M"}
+
+
+def a1111_parameters(info: dict) -> str:
+    """The `parameters` text chunk in A1111's layout: prompt, 'Negative prompt: ...', then 'Key: value, ...'."""
+    fields = {"Steps": info["steps"], "Sampler": A1111_SAMPLERS[info["sampler"]],
+              "Schedule type": "Karras" if info["karras"] else "Automatic", "CFG scale": info["guidance_scale"],
+              "Seed": info["seed"], "Size": f"{info['width']}x{info['height']}", "Model": Path(info["model"]).name}
+    if info["lora"]:
+        fields["Lora"] = " ".join(info["lora"])
+    lines = [info["prompt"]]
+    if info["negative_prompt"]:
+        lines.append(f"Negative prompt: {info['negative_prompt']}")
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
+    return "\n".join(lines)
+
+
 def save_image(image: Image.Image, path: Path, info: dict) -> None:
-    """PNG with the generation settings in a text chunk (readable with `PIL.Image.open(p).text`)."""
+    """PNG with its generation settings: A1111's `parameters` chunk and all of ours as JSON in `minsdxl`
+    (readable with `PIL.Image.open(path).text`)."""
     meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", a1111_parameters(info))
     meta.add_text("minsdxl", json.dumps(info))
     image.save(path, pnginfo=meta)
 
@@ -186,8 +206,10 @@ def main(args: argparse.Namespace) -> dict:
             except GenerationError as e:
                 raise SystemExit(f"sample.py: error: {e}") from None
             path = out / f"{tag}{p_i:02d}_seed{seed}.png"
-            info = {"prompt": prompt, "negative_prompt": args.negative_prompt, "seed": seed, "lora": args.lora if tag != "base_" else [],
-                    "model": args.pretrained_model_name_or_path, **{k: str(v) for k, v in settings.items()}}
+            info = {"prompt": prompt, "negative_prompt": args.negative_prompt, "seed": seed,
+                    "lora": [f"{p.name}:{s:g}" for p, s in specs] if tag != "base_" else [],
+                    "model": args.pretrained_model_name_or_path,
+                    **{k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in settings.items()}}
             save_image(image, path, info)
             images.append(image)
             paths.append(path)

@@ -1,6 +1,8 @@
 """minsdxl.generate and sample.py on the tiny pipeline: equal to StableDiffusionXLPipeline, LoRAs
 applied (scaled, merged, several), the comparison grid, NaN detection and clear errors."""
 
+import json
+
 import pytest
 import safetensors.torch
 import torch
@@ -109,7 +111,10 @@ def test_sample_with_lora_and_compare_grid(tiny_dir, tmp_path):
     # the base column equals a run without any LoRA, and the settings are in the PNG
     sample.main(args_for(tiny_dir, tmp_path / "plain", "--num_images", "2"))
     assert torch.equal(pixels(out / "base_00_seed1.png"), pixels(tmp_path / "plain" / "00_seed1.png"))
-    assert '"seed": 1' in Image.open(out / "00_seed1.png").text["minsdxl"]
+    text = Image.open(out / "01_seed1.png").text
+    assert json.loads(text["minsdxl"])["seed"] == 1
+    assert text["parameters"] == ("a blue cube\nSteps: 3, Sampler: Euler, Schedule type: Automatic, CFG scale: 5.0, "
+                                  "Seed: 1, Size: 64x64, Model: pipe, Lora: style.safetensors:0.9")
 
 
 def lora_latents(tiny_dir, specs, merge):
