@@ -1,0 +1,148 @@
+"""Benchmark: minsdxl.generate against diffusers' StableDiffusionXLPipeline, same components, one run.
+
+Both sides share the text encoders, tokenizers and VAE (the same objects); the UNets share their
+weight tensors. Same prompt, seed, sampler (Euler), steps and guidance. Measures seconds per image
+(alternating) and peak memory of one image above the loaded weights (CPU: peak RSS, each side in
+its own subprocess; CUDA: torch.cuda.max_memory_allocated). Also prints the largest difference
+between the two sides' final latents, which should be ~0.
+
+    python bench/sample.py --config tiny --size 256 --steps 10 --repeats 3
+    python bench/sample.py --config base --size 256 --steps 4 --repeats 2              # 2.6B UNet, CPU fp32
+    python bench/sample.py --config base --size 1024 --steps 30 --dtype bf16 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import PeakMemory, print_table, random_init_, time_alternating  # noqa: E402
+from minsdxl import UNet, UNetConfig  # noqa: E402
+from minsdxl.generate import Models, generate  # noqa: E402
+from minsdxl.loading import load_tokenizers  # noqa: E402
+from minsdxl.tiny import write_tiny_pipeline  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PROMPT, NEGATIVE, GUIDANCE, SEED = "a photo of a corgi on a beach", "blurry", 5.0, 0
+
+
+def base_pipeline(tokenizer_dir: str):
+    """A full-size SDXL base pipeline with random weights (no download): real configs, tiny tokenizers."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            projection_dim=768, hidden_act="quick_gelu")
+    clip_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                            projection_dim=1280, hidden_act="gelu")
+    with torch.device("meta"):
+        parts = dict(unet=UNet2DConditionModel(**UNetConfig.sdxl_base().to_diffusers_config()),
+                     text_encoder=CLIPTextModel(clip_l), text_encoder_2=CLIPTextModelWithProjection(clip_g),
+                     vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                                       block_out_channels=(128, 256, 512, 512), sample_size=1024,
+                                       down_block_types=("DownEncoderBlock2D",) * 4,
+                                       up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025))
+    for seed, (name, module) in enumerate(parts.items()):
+        parts[name] = random_init_(module.to_empty(device="cpu"), seed=seed)
+    tok1, tok2 = load_tokenizers(tokenizer_dir)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    return StableDiffusionXLPipeline(tokenizer=tok1, tokenizer_2=tok2, scheduler=scheduler, **parts)
+
+
+def build(args, tmp: str, sides=("reference", "ours")):
+    """The diffusers pipeline and our Models over the same components."""
+    from diffusers import StableDiffusionXLPipeline
+
+    tiny_dir = write_tiny_pipeline(os.path.join(tmp, "tiny"))
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_dir)) if args.config == "tiny" else base_pipeline(str(tiny_dir))
+    pipe.set_progress_bar_config(disable=True)
+    dtype, device = DTYPES[args.dtype], torch.device(args.device)
+    pipe.to(device, dtype)
+    cfg = UNetConfig.from_diffusers_config(dict(pipe.unet.config))
+    models = None
+    if "ours" in sides:
+        with torch.device("meta"):
+            unet = UNet(cfg)
+        unet.load_state_dict(pipe.unet.state_dict(), strict=True, assign=True)  # the same tensors
+        models = Models(unet.eval(), pipe.vae, (pipe.text_encoder, pipe.text_encoder_2), (pipe.tokenizer, pipe.tokenizer_2))
+    if "reference" not in sides:
+        pipe.unet = None
+    return pipe, models
+
+
+def runners(args, pipe, models):
+    dtype, device = DTYPES[args.dtype], torch.device(args.device)
+
+    def reference(output_type="pil"):
+        return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps, guidance_scale=GUIDANCE,
+                    width=args.size, height=args.size, generator=torch.Generator().manual_seed(SEED),
+                    output_type=output_type).images
+
+    def ours(return_latents=False):
+        return generate(models, [PROMPT], [NEGATIVE], steps=args.steps, guidance_scale=GUIDANCE, sampler="euler",
+                        seed=SEED, width=args.size, height=args.size, device=device, dtype=dtype,
+                        return_latents=return_latents)
+
+    return {"reference": reference, "ours": ours}
+
+
+def memory_in_subprocess(side: str) -> int:
+    cmd = [sys.executable, __file__, "--memory-only", side] + sys.argv[1:]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak"]
+
+
+def main(args):
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.memory_only:  # child: build one side only, generate one image, print the peak
+            pipe, models = build(args, tmp, sides=(args.memory_only,))
+            run = runners(args, pipe, models)[args.memory_only]
+            with PeakMemory(args.device) as mem:
+                run()
+            print(json.dumps({"peak": mem.peak}))
+            return
+        pipe, models = build(args, tmp)
+        run = runners(args, pipe, models)
+        with torch.no_grad():
+            latent_diff = (run["ours"](return_latents=True).float() - run["reference"]("latent").float()).abs().max()
+        times = time_alternating(run, args.repeats, args.device)
+        rows = [("seconds per image", times["reference"], times["ours"], "s")]
+        if torch.device(args.device).type == "cuda":
+            peaks = {}
+            for side, fn in run.items():
+                with PeakMemory(args.device) as mem:
+                    fn()
+                peaks[side] = mem.peak
+        else:
+            del pipe, models, run
+            peaks = {side: memory_in_subprocess(side) for side in ("reference", "ours")}
+    rows.append(("peak memory above weights", peaks["reference"], peaks["ours"], "bytes"))
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print_table(f"generation, {args.config}, {args.size}x{args.size}, {args.steps} Euler steps, CFG {GUIDANCE}, "
+                f"{args.dtype}, {args.repeats} repeats, {name}; max |latents ours - ref| = {latent_diff:.2e}", rows)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=["tiny", "base"], default="tiny")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--memory-only", choices=["reference", "ours"], help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
