@@ -159,7 +159,7 @@ def apply_demo_defaults(args: argparse.Namespace) -> None:
     args.train_batch_size, args.max_train_steps = 4, args.max_train_steps or 100
     args.learning_rate, args.lr_scheduler, args.lr_warmup_steps = 1e-3, "constant", 0
     args.rank, args.lora_targets = 8, "attn_ff"
-    args.mixed_precision, args.device = "no", args.device or "cpu"
+    args.mixed_precision, args.device = args.mixed_precision or "no", args.device or "cpu"
     args.checkpointing_steps = min(args.checkpointing_steps, 50)
     args.seed = 0 if args.seed is None else args.seed
 
@@ -431,12 +431,14 @@ def main(args: argparse.Namespace) -> dict:
                 for name, value in adapters.items():
                     trainable_named[name].copy_(value)
             optimizer.load_state_dict(opt_sd)
+            if scaler.is_enabled() and state.get("grad_scaler"):
+                scaler.load_state_dict(state["grad_scaler"])  # fp16: the loss scale it had reached
             restore_rng(rng, noise_gen)
             step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
             print(f"resumed from {ckpt} at step {step} (epoch {epoch}, batch {batches_done})")
 
     def checkpoint():
-        state = {"epoch": epoch, "batches_done": batches_done, "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
+        state = {"epoch": epoch, "batches_done": batches_done, "grad_scaler": scaler.state_dict(), "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
         path = save_checkpoint(out, step, trainable_named, optimizer, state, noise_generator=noise_gen, keep_last=args.checkpoints_total_limit)
         print(f"saved {path}")
 

@@ -4,7 +4,7 @@ A checkpoint is a folder `checkpoint-<step>/` holding
     adapters.safetensors   the trainable tensors (LoRA weights), by parameter name
     optimizer.safetensors  the optimizer's tensors (Adam moments, step counts), by "<index>.<name>"
     rng.safetensors        the torch RNG states (CPU, CUDA, and the training-noise generator)
-    state.json             step, epoch, data position, the optimizer's param groups, run arguments
+    state.json             step, epoch, data position, the optimizer's param groups, the fp16 loss scale, run arguments
 It is written under a temporary name and renamed into place, so a run killed mid-write never
 leaves a folder that `find_latest` would pick. Only safetensors and JSON are read back: a
 checkpoint cannot run code when it is loaded (torch.save pickles can).

@@ -1,6 +1,7 @@
 """train.py end to end on the tiny pipeline and the demo data, on the CPU in fp32."""
 
 import json
+import math
 import os
 import signal
 
@@ -65,6 +66,21 @@ def test_resume_is_exact(tmp_path):
     assert losses(a) == losses(b)  # bitwise
     wa, wb = load_file(str(a / "pytorch_lora_weights.safetensors")), load_file(str(b / "pytorch_lora_weights.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_fp16_with_grad_scaler_trains_and_resumes_exactly(tmp_path):
+    """The T4 path: fp16 frozen weights under autocast, a GradScaler, its loss scale kept in checkpoints."""
+    fp16 = ("--mixed_precision", "fp16", "--checkpointing_steps", "2")
+    straight, a = run(tmp_path, "straight", "--max_train_steps", "4", *fp16)
+    assert all(math.isfinite(x) for x in losses(a)) and len(losses(a)) == 4
+    state = json.loads((a / "checkpoint-2" / "state.json").read_text())
+    assert state["grad_scaler"]["scale"] > 1  # the scaler was on (65536 at start, halved on overflow)
+    run(tmp_path, "resumed", "--max_train_steps", "2", *fp16)
+    run(tmp_path, "resumed", "--max_train_steps", "4", *fp16, "--resume_from_checkpoint", "latest")
+    b = tmp_path / "resumed"
+    assert losses(a) == losses(b)
+    wa, wb = load_file(str(a / "pytorch_lora_weights.safetensors")), load_file(str(b / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and any(v.abs().sum() > 0 for k, v in wa.items() if "lora_B" in k)
 
 
 def test_cached_and_uncached_training_agree(tmp_path):

@@ -1,0 +1,150 @@
+"""Benchmark: one LoRA training step, our UNet + lora/ against diffusers' UNet + peft, one run.
+
+The full SDXL architecture with random weights (memory and speed do not depend on the values),
+cached inputs (latents, text conditioning, time ids: the VAE and text encoders are not on the
+device, as in train.py with caching), the same options on both sides: rank, targets, gradient
+checkpointing, frozen weights in `--dtype` with fp32 LoRA weights under autocast, AdamW. A step is
+noise + forward + MSE loss + backward + optimizer step. Prints seconds per step and peak memory
+(CPU: peak RSS above the loaded weights, each side in its own subprocess; CUDA: the total peak
+allocated, weights included, which is what has to fit the card, and the peak above the weights).
+
+    python bench/train_step.py --config base --latent 32 --repeats 2                    # CPU, fp32
+    python bench/train_step.py --config base --latent 128 --dtype bf16 --device cuda   # 1024x1024, the 8 GB goal
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import lora  # noqa: E402
+from bench.common import PeakMemory, print_table, time_alternating  # noqa: E402
+from bench.unet import DTYPES, build, make_inputs  # noqa: E402
+from minsdxl import UNetConfig  # noqa: E402
+from minsdxl.schedule import NoiseSchedule  # noqa: E402
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' train_text_to_image_lora_sdxl.py
+
+
+def add_lora(side: str, model, args) -> list[torch.nn.Parameter]:
+    """Adapters on `model` (fp32 weights next to the frozen base); returns the trainable parameters."""
+    if side == "reference":
+        from peft import LoraConfig
+        model.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=TARGETS, init_lora_weights="gaussian"))
+        for p in model.parameters():  # peft makes the adapters in the base dtype; train.py keeps fp32 masters
+            if p.requires_grad:
+                p.data = p.data.float()
+    else:
+        lora.inject(model, TARGETS, rank=args.rank, alpha=args.rank, init="gaussian", dtype=torch.float32)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def step_fn(side: str, model, params, cfg: UNetConfig, args):
+    """One training step on the cached inputs."""
+    dtype, device = DTYPES[args.dtype], torch.device(args.device)
+    x0, _, context, pooled, time_ids = make_inputs(cfg, args.batch, args.latent, dtype, device)
+    x0 = x0.float()
+    schedule = NoiseSchedule()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        t = torch.randint(0, 1000, (x0.shape[0],), generator=g).to(device)
+        x_t = schedule.add_noise(x0, noise, t)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            if side == "reference":
+                pred = model(x_t.to(dtype), t, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+            else:
+                pred = model(x_t.to(dtype), t, context, pooled, time_ids)
+        F.mse_loss(pred.float(), noise).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def one_side(side: str, cfg: UNetConfig, args, weights=None):
+    model = build(side, cfg, DTYPES[args.dtype], torch.device(args.device), args.checkpointing, weights)
+    params = add_lora(side, model, args)
+    return model, step_fn(side, model, params, cfg, args), sum(p.numel() for p in params)
+
+
+def memory_in_subprocess(side: str) -> int:
+    cmd = [sys.executable, __file__, "--memory-only", side] + sys.argv[1:]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak"]
+
+
+def main(args):
+    cfg = UNetConfig.sdxl_base() if args.config == "base" else UNetConfig.tiny()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    if args.memory_only:  # child: one side, a warm-up step (optimizer state exists), then the measured one
+        _, step, _ = one_side(args.memory_only, cfg, args)
+        step()
+        with PeakMemory(device) as mem:
+            step()
+        print(json.dumps({"peak": mem.peak}))
+        return
+
+    ref, ref_step, ref_n = one_side("reference", cfg, args)
+    base_weights = {k.replace(".base_layer.", "."): v for k, v in ref.state_dict().items() if "lora_" not in k}
+    ours, our_step, our_n = one_side("ours", cfg, args, weights=base_weights)
+    assert ref_n == our_n, (ref_n, our_n)
+    times = time_alternating({"reference": ref_step, "ours": our_step}, args.repeats, device)
+    rows = [("seconds per step", times["reference"], times["ours"], "s")]
+    if device.type == "cuda":
+        del ours, our_step  # measure each side with only its own model on the card
+        torch.cuda.empty_cache()
+        totals, above = {}, {}
+        for side in ("reference", "ours"):
+            model, step, _ = (ref, ref_step, 0) if side == "reference" else one_side("ours", cfg, args, weights=base_weights)
+            step()
+            torch.cuda.synchronize()
+            weights = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            torch.cuda.synchronize()
+            totals[side] = torch.cuda.max_memory_allocated(device)
+            above[side] = totals[side] - weights
+            del model, step
+            ref = ref_step = None
+            torch.cuda.empty_cache()
+        rows += [("peak memory, total", totals["reference"], totals["ours"], "bytes"),
+                 ("peak memory above weights", above["reference"], above["ours"], "bytes")]
+    else:
+        del ref, ref_step, ours, our_step, base_weights
+        gc.collect()  # free the shared weights before the children load their own
+        peaks = {side: memory_in_subprocess(side) for side in ("reference", "ours")}
+        rows.append(("peak memory above weights", peaks["reference"], peaks["ours"], "bytes"))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print_table(f"LoRA training step, UNet {args.config}, batch {args.batch}, latents {args.latent}x{args.latent}, "
+                f"{args.dtype} weights + fp32 LoRA (rank {args.rank}, {our_n:,} params), checkpointing "
+                f"{'on' if args.checkpointing else 'off'}, {args.repeats} repeats, {name}", rows)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=["tiny", "base"], default="tiny")
+    p.add_argument("--latent", type=int, default=32, help="latent side (image side / 8)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--memory-only", choices=["reference", "ours"], help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
