@@ -17,10 +17,10 @@ import json
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, PngImagePlugin
+from PIL import Image, PngImagePlugin
 
 import lora
-from minsdxl.generate import GenerationError, Models, generate
+from minsdxl.generate import GenerationError, Models, compare_grid, generate
 from minsdxl.loading import LoadError, load_text_encoders, load_tokenizers, load_unet, load_vae
 from minsdxl.lora_files import load_sdxl_lora
 from minsdxl.sampling import SAMPLERS
@@ -158,23 +158,6 @@ def save_image(image: Image.Image, path: Path, info: dict) -> None:
     meta.add_text("parameters", a1111_parameters(info))
     meta.add_text("minsdxl", json.dumps(info))
     image.save(path, pnginfo=meta)
-
-
-def compare_grid(base: list[Image.Image], with_lora: list[Image.Image], row_titles: list[str],
-                 column_titles: tuple[str, str]) -> Image.Image:
-    """One row per (prompt, seed): base | LoRA, with a title over each column and a caption per row."""
-    w, h = base[0].size
-    title_h, caption_h = 20, 16
-    grid = Image.new("RGB", (2 * w, title_h + len(base) * (h + caption_h)), "white")
-    draw = ImageDraw.Draw(grid)
-    for c, title in enumerate(column_titles):
-        draw.text((c * w + 4, 4), title, fill="black")
-    for r, (left, right, caption) in enumerate(zip(base, with_lora, row_titles)):
-        y = title_h + r * (h + caption_h)
-        draw.text((4, y + 2), caption[: 2 * w // 6], fill="black")  # about 6 pixels per character
-        grid.paste(left, (0, y + caption_h))
-        grid.paste(right, (w, y + caption_h))
-    return grid
 
 
 def main(args: argparse.Namespace) -> dict:

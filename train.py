@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 import lora
 from minsdxl.data import BucketBatchSampler, DataError, Dataset, drop_caption, make_demo_dataset
+from minsdxl.generate import Models, compare_grid, decode, generate
 from minsdxl.loading import LATENT_SCALE, LoadError, encode_text, load_text_encoders, load_tokenizers, load_unet, load_vae
 from minsdxl.lora_files import save_sdxl_lora
 from minsdxl.schedule import NoiseSchedule
@@ -46,16 +47,18 @@ LORA_TARGET_PRESETS = {
     "self_attn": ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"],
     "cross_attn": ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"],
     "attn_ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
+    # Every Linear/Conv2d of the transformer and resnet blocks: with --conv_rank, the 3x3 resnet convs
+    # too (LoCon); without it they are skipped and the report says so.
+    "all": ["transformer_blocks", "proj_in", "proj_out", "resnets", "attentions", "downsamplers", "upsamplers"],
 }
+# diffusers' script puts text-encoder adapters on CLIP's attention projections.
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
 
 # Flags of diffusers' script that this version accepts but cannot honour yet: each answers with a
 # clear message instead of being silently ignored.
 NOT_SUPPORTED_YET = {
-    "train_text_encoder": "LoRA on the text encoders",
-    "use_8bit_adam": "8-bit AdamW",
-    "validation_prompt": "validation images during training",
     "push_to_hub": "uploading to the Hub (upload output_dir yourself with `huggingface-cli upload`)",
-    "use_ema": "EMA of the adapter weights",
 }
 
 
@@ -67,9 +70,10 @@ class TrainingError(RuntimeError):
 # Arguments
 # ---------------------------------------------------------------------------------------------
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
+    a("--config", help="a TOML file of flags (flag names without --, e.g. rank = 16); the command line overrides it")
     # Model
     a("--pretrained_model_name_or_path", help="SDXL base: a diffusers folder, a single .safetensors file or a Hub repo id")
     a("--pretrained_vae_model_name_or_path", help="a separate VAE, e.g. madebyollin/sdxl-vae-fp16-fix")
@@ -94,6 +98,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--rank", type=int, default=4, help="LoRA rank")
     a("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1)")
     a("--lora_targets", default="attn", help=f"a preset ({', '.join(LORA_TARGET_PRESETS)}) or comma-separated patterns")
+    a("--conv_rank", type=int, help="also adapt 3x3 convolutions at this rank (LoCon), for targets that reach them")
+    a("--conv_alpha", type=float, help="alpha of the conv adapters (default: conv_rank)")
+    a("--lora_dropout", type=float, default=0.0, help="dropout on the adapter's input")
+    a("--rank_dropout", type=float, default=0.0, help="kohya's rank dropout: zero whole ranks per sample")
+    a("--module_dropout", type=float, default=0.0, help="kohya's module dropout: skip a whole adapter for a step")
+    a("--use_dora", action="store_true", help="DoRA: weight-decomposed LoRA (Liu et al. 2024)")
+    a("--init_lora_weights", choices=["kaiming", "gaussian"], default="kaiming",
+      help="init of the down matrix (up starts at zero either way); diffusers' script uses gaussian")
+    a("--train_text_encoder", action="store_true", help="LoRA on both CLIP text encoders too (no text caching then)")
+    a("--text_encoder_lr", type=float, help="learning rate of the text-encoder adapters (default: --learning_rate)")
     # Optimisation
     a("--train_batch_size", type=int, default=16)
     a("--num_train_epochs", type=int, default=100)
@@ -110,12 +124,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--adam_beta2", type=float, default=0.999)
     a("--adam_weight_decay", type=float, default=1e-2)
     a("--adam_epsilon", type=float, default=1e-8)
+    a("--optimizer", choices=OPTIMIZERS, default="adamw",
+      help="adamw8bit needs bitsandbytes and CUDA; prodigy needs prodigyopt (use --learning_rate 1.0)")
+    a("--use_8bit_adam", action="store_true", help="the same as --optimizer adamw8bit")
+    a("--prodigy_d_coef", type=float, default=1.0, help="Prodigy's d_coef")
+    a("--use_ema", action="store_true", help="keep an exponential moving average of the adapter weights; save it")
+    a("--ema_decay", type=float, default=0.999)
+    a("--ema_on_cpu", action="store_true", help="keep the EMA copy in CPU memory (saves VRAM)")
     a("--max_grad_norm", type=float, default=1.0)
     a("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: bf16 on GPUs that have it, fp16 on others, no on the CPU")
     a("--allow_tf32", action="store_true")
     a("--prediction_type", choices=["epsilon", "v_prediction"], help="default: the model's scheduler config (epsilon for SDXL base)")
     a("--snr_gamma", type=float, help="Min-SNR loss weighting (Hang et al. 2023); 5.0 is the usual value")
     a("--noise_offset", type=float, default=0.0)
+    a("--debug_loss", action="store_true", help="also record each image's loss (by dataset index) in metrics.jsonl")
     a("--seed", type=int, default=None)
     a("--enable_xformers_memory_efficient_attention", action="store_true",
       help="accepted for compatibility: attention already runs through PyTorch's fused SDPA kernels")
@@ -127,22 +149,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int)
     a("--resume_from_checkpoint", help="'latest' or a checkpoint folder")
-    a("--logging_dir", default="logs", help="accepted; metrics go to output_dir/metrics.jsonl")
-    a("--report_to", default="none", help="accepted; metrics go to output_dir/metrics.jsonl")
+    a("--logging_dir", default="logs", help="tensorboard: event files go to output_dir/logging_dir")
+    a("--report_to", default="none", choices=["none", "tensorboard", "wandb", "all"],
+      help="also log to tensorboard or wandb (optional extras); metrics.jsonl and loss.png are always written")
+    a("--validation_prompt", help="generate images with the current LoRA (and the base model beside them)")
+    a("--num_validation_images", type=int, default=4, help="validation images, seeds seed, seed+1, ...")
+    a("--validation_epochs", type=int, default=1, help="validate every N epochs")
+    a("--validation_steps", type=int, help="validate every N optimizer steps (instead of epochs)")
+    a("--validation_inference_steps", type=int, default=25, help="sampler steps of validation images")
     a("--local_rank", type=int, default=-1, help="accepted for torch.distributed.launch compatibility")
     a("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     a("--demo", action="store_true", help="train on a tiny random SDXL and a generated dataset, on the CPU")
     # Later features: accepted so that a seed command line parses, refused with a message in check_args.
-    a("--train_text_encoder", action="store_true")
-    a("--use_8bit_adam", action="store_true")
-    a("--validation_prompt")
-    a("--num_validation_images", type=int, default=4)
-    a("--validation_epochs", type=int, default=1)
     a("--push_to_hub", action="store_true")
     a("--hub_token")
     a("--hub_model_id")
-    a("--use_ema", action="store_true")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; `--config run.toml` supplies values for any flag, and flags given on the
+    command line win over it. `args._explicit` holds the flags that were given either way."""
+    p = build_parser()
+    pre, _ = p.parse_known_args(argv)
+    from_config = read_config(pre.config, {act.dest for act in p._actions}) if pre.config else {}
+    p.set_defaults(**from_config)
+    args = p.parse_args(argv)
+    given = build_parser()
+    for action in given._actions:
+        action.default = argparse.SUPPRESS  # so only flags on the command line appear
+    args._explicit = set(vars(given.parse_args(argv))) | set(from_config)
+    return args
+
+
+def read_config(path: str, known: set[str]) -> dict:
+    """Flags from a TOML file: `rank = 16`, `lora_targets = "attn"`, `random_flip = true`."""
+    import tomllib
+    try:
+        values = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise SystemExit(f"train.py: error: --config {path}: {e}") from None
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SystemExit(f"train.py: error: --config {path}: unknown flags {unknown} (names as on the command "
+                         f"line without --, e.g. train_batch_size)")
+    return values
+
+
+def write_config(args: argparse.Namespace, path: Path) -> None:
+    """The resolved flags as TOML, so `--config path` repeats the run."""
+    lines = [f"# resolved flags of this run; repeat it with: python train.py --config {path.name}"]
+    for key, value in sorted(vars(args).items()):
+        if value is None or key == "config" or key.startswith("_"):
+            continue
+        lines.append(f"{key} = {json.dumps(value) if isinstance(value, (str, bool)) else repr(value)}")
+    path.write_text("\n".join(lines) + "\n")
 
 
 def apply_demo_defaults(args: argparse.Namespace) -> None:
@@ -155,13 +216,13 @@ def apply_demo_defaults(args: argparse.Namespace) -> None:
         make_demo_dataset(data_dir, n=16, resolution=64, seed=0)
     args.pretrained_model_name_or_path = str(model_dir)
     args.train_data_dir, args.dataset_name = str(data_dir), None
-    args.resolution, args.center_crop, args.random_flip = 64, True, False
-    args.train_batch_size, args.max_train_steps = 4, args.max_train_steps or 100
-    args.learning_rate, args.lr_scheduler, args.lr_warmup_steps = 1e-3, "constant", 0
-    args.rank, args.lora_targets = 8, "attn_ff"
-    args.mixed_precision, args.device = args.mixed_precision or "no", args.device or "cpu"
-    args.checkpointing_steps = min(args.checkpointing_steps, 50)
-    args.seed = 0 if args.seed is None else args.seed
+    # Settings for a minute on the CPU, each used only where the flag was not given (command line or --config).
+    demo = dict(resolution=64, center_crop=True, train_batch_size=4, max_train_steps=100, learning_rate=1e-3,
+                lr_scheduler="constant", lr_warmup_steps=0, rank=8, lora_targets="attn_ff", mixed_precision="no",
+                device="cpu", checkpointing_steps=50, seed=0, validation_inference_steps=4)
+    for key, value in demo.items():
+        if key not in getattr(args, "_explicit", set()):
+            setattr(args, key, value)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -183,8 +244,19 @@ def check_args(args: argparse.Namespace) -> None:
     if args.enable_xformers_memory_efficient_attention:
         print("note: --enable_xformers_memory_efficient_attention is not needed: minsdxl's attention is "
               "torch's scaled_dot_product_attention, which already uses memory-efficient/flash kernels.")
-    if args.report_to not in ("none", "tensorboard", "all"):
-        print(f"note: --report_to {args.report_to}: metrics are written to {args.output_dir}/metrics.jsonl only.")
+    for flag in ("lora_dropout", "rank_dropout", "module_dropout"):
+        if not 0.0 <= getattr(args, flag) < 1.0:
+            fail(f"--{flag} {getattr(args, flag)} must be in [0, 1).")
+    if args.conv_rank is not None and args.conv_rank < 1:
+        fail(f"--conv_rank {args.conv_rank} must be at least 1.")
+    if args.use_8bit_adam:
+        args.optimizer = "adamw8bit"
+    if args.train_text_encoder and args.cache_text_embeddings:
+        print("note: --train_text_encoder: the text conditioning changes as the text encoders train, so it is "
+              "computed every step instead of cached (--cache_text_embeddings is off).")
+        args.cache_text_embeddings = False
+    if args.validation_steps is not None and args.validation_steps < 1:
+        fail("--validation_steps must be at least 1.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +298,16 @@ def pick_precision(args: argparse.Namespace, device: torch.device) -> torch.dtyp
 
 def lora_targets(spec: str) -> list[str]:
     return LORA_TARGET_PRESETS.get(spec) or [s.strip() for s in spec.split(",") if s.strip()]
+
+
+def training_noise(shape: tuple, noise_offset: float, generator: torch.Generator) -> torch.Tensor:
+    """ε ~ N(0, I) of `shape` (B, C, h, w), plus with --noise_offset one N(0, offset²) shift per image and
+    channel (Guttenberg 2023, "Diffusion with Offset Noise"): it lets the model change an image's mean
+    brightness, so it can make very dark and very bright images."""
+    noise = torch.randn(shape, generator=generator)
+    if noise_offset:
+        noise += noise_offset * torch.randn(shape[0], shape[1], 1, 1, generator=generator)
+    return noise
 
 
 def content_key(*parts) -> str:
@@ -327,6 +409,121 @@ def save_loss_plot(losses: list[float], path: Path) -> None:
     img.save(path)
 
 
+
+def optional_import(module: str, what: str, install: str):
+    """Import an optional dependency, or stop with a one-line install hint."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise SystemExit(f"train.py: error: {what} needs the '{module}' package, which is not installed: {install}") from None
+
+
+def make_optimizer(args: argparse.Namespace, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    """groups: [{"params": [...], "lr": ...}]; each group remembers its base lr for the schedule."""
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    betas, wd, eps = (args.adam_beta1, args.adam_beta2), args.adam_weight_decay, args.adam_epsilon
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(groups, betas=betas, weight_decay=wd, eps=eps)
+    if args.optimizer == "adamw8bit":  # optimizer state in 8 bits: 2 bytes per parameter instead of 8
+        if device.type != "cuda":
+            raise SystemExit(f"train.py: error: --optimizer adamw8bit (bitsandbytes) runs on CUDA GPUs only, not on "
+                             f"{device.type}; use --optimizer adamw or adafactor here.")
+        bnb = optional_import("bitsandbytes", "8-bit AdamW", "pip install 'minsdxl[bnb]' (or: pip install bitsandbytes)")
+        return bnb.optim.AdamW8bit(groups, betas=betas, weight_decay=wd, eps=eps)
+    if args.optimizer == "prodigy":  # learns its own step size: the lr is a multiplier, usually 1.0
+        prodigyopt = optional_import("prodigyopt", "the Prodigy optimizer", "pip install 'minsdxl[prodigy]' (or: pip install prodigyopt)")
+        if args.learning_rate < 0.1:
+            print(f"note: Prodigy estimates the step size itself; --learning_rate {args.learning_rate} scales it down "
+                  f"(the usual value is 1.0).")
+        return prodigyopt.Prodigy(groups, betas=betas, weight_decay=wd, d_coef=args.prodigy_d_coef,
+                                  use_bias_correction=True, safeguard_warmup=True)
+    from transformers.optimization import Adafactor  # factored second moments: less state than Adam
+    return Adafactor(groups, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=wd)
+
+
+class EMA:
+    """Exponential moving average of the adapter weights (Polyak averaging): after each optimizer step
+    ema = decay * ema + (1 - decay) * w. Kept in fp32, on the CPU with --ema_on_cpu."""
+
+    def __init__(self, named: dict[str, torch.Tensor], decay: float, device):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().to(device, copy=True) for n, p in named.items()}
+
+    @torch.no_grad()
+    def update(self, named: dict[str, torch.Tensor]) -> None:
+        for n, p in named.items():
+            self.shadow[n].lerp_(p.detach().to(self.shadow[n].device, torch.float32), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, named: dict[str, torch.Tensor]) -> None:
+        for n, p in named.items():
+            p.copy_(self.shadow[n])
+
+
+class Reporter:
+    """--report_to: scalars and validation images to tensorboard and/or wandb (optional extras)."""
+
+    def __init__(self, kind: str, out: Path, args: argparse.Namespace):
+        self.tb = self.wandb = None
+        if kind in ("tensorboard", "all"):
+            optional_import("tensorboard", "--report_to tensorboard", "pip install 'minsdxl[tensorboard]' (or: pip install tensorboard)")
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out / args.logging_dir))
+        if kind in ("wandb", "all"):
+            self.wandb = optional_import("wandb", "--report_to wandb", "pip install 'minsdxl[wandb]' (or: pip install wandb)")
+            self.wandb.init(project="minsdxl", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}, dir=str(out))
+
+    def scalars(self, record: dict, step: int) -> None:
+        values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb:
+            for k, v in values.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+        if self.wandb:
+            self.wandb.log(values, step=step)
+
+    def image(self, name: str, image, step: int) -> None:
+        import numpy as np
+        if self.tb:
+            self.tb.add_image(name, np.asarray(image), step, dataformats="HWC")
+        if self.wandb:
+            self.wandb.log({name: self.wandb.Image(image)}, step=step)
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def validation_images(unet, vae, text_encoders, tokenizers, args, device, weight_dtype, seeds: list[int]) -> list:
+    """One image per seed of --validation_prompt with the UNet as it is now, through minsdxl.generate.
+
+    The UNet and its adapters stay where they are; the VAE and text encoders come to the device only for
+    this (they live on the CPU when their outputs are cached) and go back after."""
+    homes = [next(m.parameters()).device for m in (vae, *text_encoders)]
+    for m in (vae, *text_encoders):
+        m.to(device)
+    models = Models(unet, vae, text_encoders, tokenizers)
+    unet.eval()
+    images = []
+    try:
+        for seed in seeds:
+            with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+                latents = generate(models, [args.validation_prompt], steps=args.validation_inference_steps,
+                                   seed=seed, width=args.resolution, height=args.resolution, device=device,
+                                   dtype=weight_dtype, return_latents=True)
+            images += decode(vae, latents, device)  # outside autocast: the VAE decodes in its own fp32
+    finally:
+        unet.train()
+        for m, home in zip((vae, *text_encoders), homes):
+            m.to(home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # give the validation memory back before training goes on
+    return images
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
@@ -338,6 +535,9 @@ def main(args: argparse.Namespace) -> dict:
     check_args(args)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    write_config(args, out / "config.toml")  # the resolved flags: `--config out/config.toml` repeats the run
+    reporter = Reporter(args.report_to, out, args)
+    started = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     weight_dtype = pick_precision(args, device)
     if args.allow_tf32 and device.type == "cuda":
@@ -357,9 +557,22 @@ def main(args: argparse.Namespace) -> dict:
     prediction_type = args.prediction_type or "epsilon"
 
     # 2. LoRA: freeze everything, then wrap the matching layers; only the adapters train.
-    report = lora.inject(unet, lora_targets(args.lora_targets), rank=args.rank, alpha=args.lora_alpha, dtype=torch.float32)
-    trainable = [p for p in unet.parameters() if p.requires_grad]
+    options = dict(rank=args.rank, alpha=args.lora_alpha, dropout=args.lora_dropout, rank_dropout=args.rank_dropout,
+                   module_dropout=args.module_dropout, dora=args.use_dora, init=args.init_lora_weights, dtype=torch.float32)
+    report = lora.inject(unet, lora_targets(args.lora_targets), conv_rank=args.conv_rank, conv_alpha=args.conv_alpha, **options)
     print(f"LoRA: {report}")
+    adapted = {"unet": unet}  # the models with adapters; their trainable names get these prefixes (none for the UNet)
+    if args.train_text_encoder:
+        for name, te in zip(("te1", "te2"), text_encoders):
+            te.to(dtype=weight_dtype)  # frozen in the training precision, like the UNet
+            # SDXL reads text encoder 1's penultimate layer, so its last layer gets no gradient: no adapters there.
+            # (Text encoder 2's last layer feeds the pooled vector, so it trains.)
+            last = f"layers.{te.config.num_hidden_layers - 1}.**" if name == "te1" else ()
+            print(f"LoRA on {name}: {lora.inject(te, TEXT_ENCODER_TARGETS, exclude=last, **options)}")
+            adapted[name] = te
+    trainable_named = {(n if part == "unet" else f"{part}.{n}"): p
+                       for part, model in adapted.items() for n, p in model.named_parameters() if p.requires_grad}
+    trainable = list(trainable_named.values())
     unet.set_gradient_checkpointing(args.gradient_checkpointing)
 
     # 3. Data
@@ -408,12 +621,15 @@ def main(args: argparse.Namespace) -> dict:
     print("on the device during training:\n" + memory_plan(unet, vae, text_encoders, trainable, cache_latents, cache_text))
 
     # 5. Optimizer, noise generator, and resume
-    optimizer = torch.optim.AdamW(trainable, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    groups = [{"params": [p for n, p in trainable_named.items() if not n.startswith(("te1.", "te2."))], "lr": lr}]
+    if args.train_text_encoder:
+        groups.append({"params": [p for n, p in trainable_named.items() if n.startswith(("te1.", "te2."))],
+                       "lr": args.text_encoder_lr or lr})
+    optimizer = make_optimizer(args, groups, device)
+    ema = EMA(trainable_named, args.ema_decay, "cpu" if args.ema_on_cpu else device) if args.use_ema else None
     scaler = torch.amp.GradScaler(device.type, enabled=weight_dtype == torch.float16)
     noise_gen = torch.Generator().manual_seed(seed)
     sched = NoiseSchedule()  # timesteps, noise, caption dropout: CPU, so runs repeat
-    trainable_named = {n: p for n, p in unet.named_parameters() if p.requires_grad}
     step, epoch, batches_done = 0, 0, 0
     if args.resume_from_checkpoint:
         ckpt = find_latest(out) if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint)
@@ -424,12 +640,16 @@ def main(args: argparse.Namespace) -> dict:
                 state, adapters, opt_sd, rng = load_checkpoint(ckpt)
             except CheckpointError as e:
                 raise SystemExit(f"train.py: error: {e}") from None
+            ema_state = {k[4:]: adapters.pop(k) for k in list(adapters) if k.startswith("ema.")}
             if set(adapters) != set(trainable_named):
                 raise SystemExit(f"train.py: error: {ckpt} holds adapters for other modules than this run's "
                                  f"(--lora_targets/--rank must be those of the run that wrote it).")
             with torch.no_grad():
                 for name, value in adapters.items():
                     trainable_named[name].copy_(value)
+                if ema is not None:
+                    for name in ema.shadow:
+                        ema.shadow[name].copy_(ema_state.get(name, trainable_named[name]))
             optimizer.load_state_dict(opt_sd)
             if scaler.is_enabled() and state.get("grad_scaler"):
                 scaler.load_state_dict(state["grad_scaler"])  # fp16: the loss scale it had reached
@@ -439,7 +659,8 @@ def main(args: argparse.Namespace) -> dict:
 
     def checkpoint():
         state = {"epoch": epoch, "batches_done": batches_done, "grad_scaler": scaler.state_dict(), "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
-        path = save_checkpoint(out, step, trainable_named, optimizer, state, noise_generator=noise_gen, keep_last=args.checkpoints_total_limit)
+        tensors = trainable_named | ({f"ema.{n}": t for n, t in ema.shadow.items()} if ema else {})
+        path = save_checkpoint(out, step, tensors, optimizer, state, noise_generator=noise_gen, keep_last=args.checkpoints_total_limit)
         print(f"saved {path}")
 
     # SIGINT/SIGTERM: finish the current optimizer step, save a checkpoint, exit cleanly.
@@ -451,9 +672,32 @@ def main(args: argparse.Namespace) -> dict:
     kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= step] if metrics_path.is_file() else []
     metrics_path.write_text("".join(l + "\n" for l in kept))
     metrics = open(metrics_path, "a")
+    per_image: dict[str, float] = {}
+
+    # Validation: the prompt with the current LoRA, beside the base model's image for the same seed.
+    base_images: list = []
+    seeds = [seed + i for i in range(args.num_validation_images)]
+
+    def validate(tag: str) -> Path:
+        images = lambda: validation_images(unet, vae, text_encoders, tokenizers, args, device, weight_dtype, seeds)
+        if not base_images:  # the base model does not change: its images are made once, with the adapters off
+            for model in adapted.values():
+                lora.set_scale(model, 0.0)
+            base_images.extend(images())
+            for model in adapted.values():
+                lora.set_scale(model, 1.0)
+        grid = compare_grid(base_images, images(), [f"seed {s}: {args.validation_prompt}" for s in seeds],
+                            ("base", f"LoRA, {tag}"))
+        path = out / "validation" / f"{tag}.png"
+        path.parent.mkdir(exist_ok=True)
+        grid.save(path)
+        reporter.image("validation", grid, step)
+        print(f"validation images: {path}")
+        return path
     losses: list[float] = []
     progress = tqdm(total=total_steps, initial=step, desc="training", dynamic_ncols=True)
-    unet.train()
+    for model in adapted.values():
+        model.train()
     t_last, accum_loss, micro = time.perf_counter(), 0.0, 0
     try:
         while step < total_steps and stop["signal"] is None:
@@ -462,15 +706,17 @@ def main(args: argparse.Namespace) -> dict:
                 # Conditioning, from the caches (or computed now): latents, text, time ids.
                 x0 = torch.stack([latents_of(epoch, i) for i in batch_indices])  # (B, 4, H/8, W/8)
                 captions = drop_caption([dataset.captions[i] for i in batch_indices], args.caption_dropout, noise_gen)
-                texts = [text_of(c) for c in captions]
-                context = torch.stack([t["context"] for t in texts])  # (B, 77, 2048)
-                pooled = torch.stack([t["pooled"] for t in texts])  # (B, 1280)
+                if args.train_text_encoder:  # through the adapted encoders, with gradients
+                    with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+                        context, pooled = encode_text(text_encoders, tokenizers, captions)  # (B, 77, 2048), (B, 1280)
+                else:
+                    texts = [text_of(c) for c in captions]
+                    context = torch.stack([t["context"] for t in texts])  # (B, 77, 2048)
+                    pooled = torch.stack([t["pooled"] for t in texts])  # (B, 1280)
                 time_ids = torch.tensor([dataset.augmentation(aug_epoch(epoch), i).time_ids() for i in batch_indices])  # (B, 6)
                 B = x0.shape[0]
                 # Noise and timesteps, drawn on the CPU from one generator.
-                noise = torch.randn(x0.shape, generator=noise_gen)
-                if args.noise_offset:
-                    noise += args.noise_offset * torch.randn(B, x0.shape[1], 1, 1, generator=noise_gen)
+                noise = training_noise(x0.shape, args.noise_offset, noise_gen)
                 t = torch.randint(0, sched.num_train_timesteps, (B,), generator=noise_gen)
                 x0, noise, t = x0.to(device), noise.to(device), t.to(device)
                 x_t = sched.add_noise(x0, noise, t)
@@ -489,31 +735,43 @@ def main(args: argparse.Namespace) -> dict:
                         f"Nothing was saved for this step; the last good checkpoint in {out} is kept.")
                 scaler.scale(loss / args.gradient_accumulation_steps).backward()
                 accum_loss += loss.item() / args.gradient_accumulation_steps
+                if args.debug_loss:  # which images the loss comes from (diffusers logs it by file name)
+                    per_image.update({dataset.names[i]: v for i, v in zip(batch_indices, per_sample.tolist())})
                 micro += 1
                 batches_done += 1
                 if micro < args.gradient_accumulation_steps and batches_done < batches_per_epoch:
                     continue
                 # One optimizer step.
                 for group in optimizer.param_groups:
-                    group["lr"] = lr * lr_factor(step, args, total_steps)
+                    group["lr"] = group["base_lr"] * lr_factor(step, args, total_steps)
                 scaler.unscale_(optimizer)
                 if args.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
                 scaler.step(optimizer)
                 scaler.update()
+                if ema is not None:
+                    ema.update(trainable_named)
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 now = time.perf_counter()
                 record = {"step": step, "epoch": epoch, "loss": accum_loss, "lr": optimizer.param_groups[0]["lr"],
                           "it_per_s": 1.0 / (now - t_last), "peak_memory_bytes": peak_memory_bytes(device)}
+                if args.debug_loss:
+                    record["per_image_loss"], per_image = per_image, {}
+                reporter.scalars(record, step)
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 losses.append(accum_loss)
                 progress.set_postfix(loss=f"{accum_loss:.4f}", lr=f"{record['lr']:.2e}", mem=f"{record['peak_memory_bytes'] / 2**30:.1f}G")
                 progress.update(1)
                 t_last, accum_loss, micro = now, 0.0, 0
-                if batches_done == batches_per_epoch:
+                epoch_ended = batches_done == batches_per_epoch
+                if epoch_ended:
                     epoch, batches_done = epoch + 1, 0
+                if args.validation_prompt and (step % args.validation_steps == 0 if args.validation_steps
+                                               else epoch_ended and epoch % args.validation_epochs == 0):
+                    validate(f"step-{step:06d}")
+                    t_last = time.perf_counter()  # validation time is not training speed
                 if step % args.checkpointing_steps == 0 or stop["signal"] is not None:
                     checkpoint()
                 if step >= total_steps or stop["signal"] is not None:
@@ -527,16 +785,28 @@ def main(args: argparse.Namespace) -> dict:
         print(f"stopped by signal {stop['signal']} at step {step}; resume with --resume_from_checkpoint latest")
         return {"step": step, "losses": losses, "stopped": True}
 
-    # 7. Save the LoRA in both formats people exchange.
+    # 7. Save the LoRA in both formats people exchange (the EMA weights with --use_ema).
+    if ema is not None:
+        ema.copy_to(trainable_named)
     metadata = {"minsdxl.base_model": str(args.pretrained_model_name_or_path), "minsdxl.steps": str(step),
                 "minsdxl.resolution": str(args.resolution), "minsdxl.learning_rate": str(args.learning_rate)}
     files = [out / "pytorch_lora_weights.safetensors", out / "lora_kohya.safetensors"]
-    save_sdxl_lora(unet, files[0], format="diffusers", metadata=metadata)
-    save_sdxl_lora(unet, files[1], format="kohya", metadata=metadata)
+    tes = text_encoders if args.train_text_encoder else None
+    save_sdxl_lora(unet, files[0], format="diffusers", text_encoders=tes, metadata=metadata)
+    save_sdxl_lora(unet, files[1], format="kohya", text_encoders=tes, metadata=metadata)
+    if args.validation_prompt:
+        files.append(validate("final"))
     all_losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     save_loss_plot(all_losses, out / "loss.png")
-    print(f"peak memory {peak_memory_bytes(device) / 2**30:.2f} GiB; wrote {', '.join(str(f) for f in files)}, {out / 'loss.png'}")
-    return {"step": step, "losses": losses, "files": files, "stopped": False}
+    files += [out / "loss.png", out / "metrics.jsonl", out / "config.toml"]
+    reporter.close()
+    summary = {"steps": step, "seconds": round(time.perf_counter() - started, 1),
+               "peak_memory_bytes": peak_memory_bytes(device), "final_loss": all_losses[-1] if all_losses else None,
+               "files": [str(f) for f in files]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"done: {step} steps in {summary['seconds']} s, peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB, "
+          f"final loss {summary['final_loss']}; wrote:\n  " + "\n  ".join(summary["files"]))
+    return {"step": step, "losses": losses, "files": files, "stopped": False, "summary": summary}
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import os
 import statistics
 import threading
 import time
-from contextlib import contextmanager
 
 import torch
 

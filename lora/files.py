@@ -3,6 +3,7 @@
     peft / diffusers   <prefix><name>.lora_A.weight (down), <prefix><name>.lora_B.weight (up),
                        DoRA: <prefix><name>.lora_magnitude_vector
     kohya (A1111, ComfyUI)  <prefix><name with . -> _>.lora_down.weight, .lora_up.weight, .alpha (scalar)
+                            DoRA: .dora_scale, the magnitude as (out, 1) or (out, 1, 1, 1) (LyCORIS, ComfyUI)
 
 `name` is the module path, or what `name_fn(path)` returns (minsdxl passes a function giving the
 SGM names kohya files use). The peft format has no place for alpha, and loaders that find none
@@ -57,8 +58,8 @@ def collect(model: nn.Module, format: str = "peft", name_fn=None, prefix: str = 
             if layer.magnitude is not None:
                 tensors[f"{key}.lora_magnitude_vector"] = layer.magnitude.detach()
         else:
-            if layer.magnitude is not None:
-                raise LoRAError("DoRA adapters are saved in the 'peft' format only")
+            if layer.magnitude is not None:  # LyCORIS/ComfyUI: the magnitude per output channel, (out, 1[, 1, 1])
+                tensors[f"{key}.dora_scale"] = layer.magnitude.detach().view(-1, *[1] * (layer.base.weight.dim() - 1))
             if layer.scale != layer.alpha / layer.rank:
                 raise LoRAError("rsLoRA scaling cannot be expressed in kohya files (scale = alpha / rank); use 'peft'")
             tensors[f"{key}.lora_down.weight"] = down
@@ -101,7 +102,7 @@ def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[st
     known = json.loads(metadata.get(METADATA_KEY, "{}"))
     suffixes = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora_down.weight": "down",
                 ".lora_up.weight": "up", ".alpha": "alpha", ".lora_magnitude_vector": "magnitude",
-                ".lora_magnitude_vector.weight": "magnitude"}
+                ".lora_magnitude_vector.weight": "magnitude", ".dora_scale": "magnitude"}
     out: dict[str, dict] = {}
     for key, value in tensors.items():
         for suffix, part in suffixes.items():
@@ -160,6 +161,8 @@ def apply(model: nn.Module, entries: dict[str, dict], name_fn=None, strict: bool
             layer = _wrap_one(model, module_path, rank, alpha, "magnitude" in entry)
         for param, value in ((layer.lora_down.weight, down), (layer.lora_up.weight, up)) + \
                             (((layer.magnitude, entry["magnitude"]),) if "magnitude" in entry and layer.magnitude is not None else ()):
+            if param is layer.magnitude and value.numel() == param.numel():
+                value = value.reshape(param.shape)  # kohya's dora_scale keeps singleton dims
             if tuple(param.shape) != tuple(value.shape):
                 raise LoRAError(f"{path}: '{key}' has shape {tuple(value.shape)} but the layer at '{module_path}' "
                                 f"needs {tuple(param.shape)} (a LoRA for another model, or another rank)")

@@ -334,6 +334,8 @@ class Dataset(torch.utils.data.Dataset):
             order = torch.randperm(len(entries), generator=seeded_generator("subset", seed)).tolist()
         self._records = self._scan([entries[i] for i in order], max_train_samples)
         self.bucket_ids = [nearest_bucket(*r.size, self.buckets) for r in self._records]
+        # A name per image for messages and --debug_loss: the file name, or the dataset row.
+        self.names = [r.source.name if isinstance(r.source, Path) else f"row {r.source}" for r in self._records]
 
     def _scan(self, entries: list, limit: int | None) -> list[_Record]:
         """Read and check each image once (size, decodability, hash); warn once about the ones skipped."""

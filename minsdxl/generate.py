@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from .loading import LATENT_SCALE, encode_text
 from .sampling import sample
@@ -115,3 +115,20 @@ def generate(models: Models, prompts: list[str], negative_prompts: list[str] | N
     if return_latents:
         return latents
     return decode(models.vae, latents.float(), device, lowvram, vae_tiling)
+
+
+def compare_grid(base: list[Image.Image], with_lora: list[Image.Image], row_titles: list[str],
+                 column_titles: tuple[str, str]) -> Image.Image:
+    """One row per (prompt, seed): base | LoRA, with a title over each column and a caption per row."""
+    w, h = base[0].size
+    title_h, caption_h = 20, 16
+    grid = Image.new("RGB", (2 * w, title_h + len(base) * (h + caption_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, title in enumerate(column_titles):
+        draw.text((c * w + 4, 4), title, fill="black")
+    for r, (left, right, caption) in enumerate(zip(base, with_lora, row_titles)):
+        y = title_h + r * (h + caption_h)
+        draw.text((4, y + 2), caption[: 2 * w // 6], fill="black")  # about 6 pixels per character
+        grid.paste(left, (0, y + caption_h))
+        grid.paste(right, (w, y + caption_h))
+    return grid

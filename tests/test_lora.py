@@ -226,11 +226,15 @@ def test_sdxl_attention_rank16_trainable_count_on_meta():
     assert report.wrapped == 4 * 140  # 70 transformer blocks x 2 attentions
 
 
+@pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("fmt", ["peft", "kohya"])
-def test_files_round_trip(tmp_path, fmt):
+def test_files_round_trip(tmp_path, fmt, dora):
     model = toy()
-    lora.inject(model, ["to_q", "proj"], rank=3, alpha=1.5)
+    lora.inject(model, ["to_q", "proj"], rank=3, alpha=1.5, dora=dora)
     randomize_adapters(model)
+    if dora:  # a trained magnitude, not the initial norms
+        with torch.no_grad():
+            model.a.proj.magnitude.mul_(1.5)
     expected = model(X)
     path = lora.save_file(model, tmp_path / "l.safetensors", format=fmt, metadata={"note": "hi"})
     tensors, meta = lora.read_file(path)
@@ -240,6 +244,8 @@ def test_files_round_trip(tmp_path, fmt):
     assert lora.load_file(fresh, path) == []
     torch.testing.assert_close(fresh(X), expected)
     assert fresh.a.to_q.alpha == 1.5 and fresh.a.to_q.rank == 3
+    if dora and fmt == "kohya":
+        assert tensors["a_proj.dora_scale"].shape == (8, 1, 1, 1)  # ComfyUI/LyCORIS layout
 
 
 def test_load_errors(tmp_path):
