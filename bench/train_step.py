@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,16 @@ from minsdxl import UNetConfig  # noqa: E402
 from minsdxl.schedule import NoiseSchedule  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' train_text_to_image_lora_sdxl.py
+# --variants: our side alone with one technique changed from the baseline (rank 16 on TARGETS, checkpointing)
+VARIANTS = {
+    "baseline": {},
+    "no checkpointing": {"checkpointing": False},
+    "rank 64": {"rank": 64},
+    "DoRA": {"dora": True},
+    "LoCon (every layer, conv rank 16)": {"targets": ["transformer_blocks", "proj_in", "proj_out", "resnets",
+                                                      "attentions", "downsamplers", "upsamplers"], "conv_rank": 16},
+    "EMA on the device": {"ema": True},
+}
 
 
 def add_lora(side: str, model, args) -> list[torch.nn.Parameter]:
@@ -43,7 +54,9 @@ def add_lora(side: str, model, args) -> list[torch.nn.Parameter]:
             if p.requires_grad:
                 p.data = p.data.float()
     else:
-        lora.inject(model, TARGETS, rank=args.rank, alpha=args.rank, init="gaussian", dtype=torch.float32)
+        v = VARIANTS[args.variant]
+        lora.inject(model, v.get("targets", TARGETS), rank=v.get("rank", args.rank), alpha=v.get("rank", args.rank),
+                    init="gaussian", dtype=torch.float32, dora=v.get("dora", False), conv_rank=v.get("conv_rank"))
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -55,6 +68,7 @@ def step_fn(side: str, model, params, cfg: UNetConfig, args):
     schedule = NoiseSchedule()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(0)
+    ema = [p.detach().clone() for p in params] if side == "ours" and VARIANTS[args.variant].get("ema") else None
 
     def step():
         noise = torch.randn(x0.shape, generator=g).to(device)
@@ -68,12 +82,18 @@ def step_fn(side: str, model, params, cfg: UNetConfig, args):
         F.mse_loss(pred.float(), noise).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 0.001)  # train.py's EMA update
 
     return step
 
 
-def one_side(side: str, cfg: UNetConfig, args, weights=None):
-    model = build(side, cfg, DTYPES[args.dtype], torch.device(args.device), args.checkpointing, weights)
+def one_side(side: str, cfg: UNetConfig, args, weights=None, before_lora=None):
+    checkpointing = VARIANTS[args.variant].get("checkpointing", args.checkpointing) if side == "ours" else args.checkpointing
+    model = build(side, cfg, DTYPES[args.dtype], torch.device(args.device), checkpointing, weights)
+    if before_lora:
+        before_lora()
     params = add_lora(side, model, args)
     return model, step_fn(side, model, params, cfg, args), sum(p.numel() for p in params)
 
@@ -94,6 +114,25 @@ def main(args):
         with PeakMemory(device) as mem:
             step()
         print(json.dumps({"peak": mem.peak}))
+        return
+    if args.variant_only:  # child: ours with one variant; memory above the frozen weights, adapters and
+        mem = PeakMemory(device)  # optimizer state included
+        _, step, n = one_side("ours", cfg, args, before_lora=mem.__enter__)
+        step()
+        start = time.perf_counter()
+        step()
+        seconds = time.perf_counter() - start
+        mem.__exit__(None, None, None)
+        print(json.dumps({"peak": mem.peak, "seconds": seconds, "params": n}))
+        return
+    if args.variants:
+        print(f"our LoRA step, UNet {args.config}, latents {args.latent}x{args.latent}, {args.dtype}; peak memory above "
+              f"the frozen weights (adapters, gradients, AdamW state, activations), one step's time")
+        print(f"{'variant':<36}{'trainable':>14}{'peak memory':>14}{'seconds':>10}")
+        for name in VARIANTS:
+            cmd = [sys.executable, __file__, "--variant-only", "--variant", name] + [a for a in sys.argv[1:] if a != "--variants"]
+            r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            print(f"{name:<36}{r['params']:>14,}{r['peak'] / 2**20:>10,.0f} MiB{r['seconds']:>10.2f}", flush=True)
         return
 
     ref, ref_step, ref_n = one_side("reference", cfg, args)
@@ -142,6 +181,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variants", action="store_true", help="ours alone: memory and time of each technique (VARIANTS)")
+    p.add_argument("--variant", default="baseline", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--variant-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--memory-only", choices=["reference", "ours"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
