@@ -17,6 +17,7 @@ autocast. `python train.py --demo` runs all of it on a tiny random SDXL on the C
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -28,12 +29,13 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import lora
-from minsdxl.data import BucketBatchSampler, DataError, Dataset, drop_caption, make_demo_dataset
+from minsdxl.data import BucketBatchSampler, DataError, Dataset, drop_caption, make_demo_dataset, seeded_generator
 from minsdxl.generate import Models, compare_grid, decode, generate
 from minsdxl.loading import LATENT_SCALE, LoadError, encode_text, load_text_encoders, load_tokenizers, load_unet, load_vae
 from minsdxl.lora_files import save_sdxl_lora
@@ -410,6 +412,65 @@ def save_loss_plot(losses: list[float], path: Path) -> None:
 
 
 
+class Distributed:
+    """The torchrun launch, if any: `torchrun --nproc_per_node N train.py ...` sets WORLD_SIZE, RANK and
+    LOCAL_RANK. One process per device; rank 0 alone writes files and logs."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank, self.local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        self.main = self.rank == 0
+        if self.world > 1 and not dist.is_initialized():
+            # NCCL between GPUs, gloo between CPU processes; a rank that dies makes torchrun stop the others.
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+    def device(self, requested: str | None) -> torch.device:
+        if self.world > 1 and torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            return torch.device("cuda", self.local_rank)
+        return torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean over ranks (the loss logged is the global batch's)."""
+        if self.world > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.world
+        return value
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on one (a signal that reached one rank stops all)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def gather(self, value: float) -> list[float]:
+        if self.world == 1:
+            return [value]
+        out = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
+    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """DDP over the adapters only: the frozen weights are neither broadcast nor reduced."""
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def optional_import(module: str, what: str, install: str):
     """Import an optional dependency, or stop with a one-line install hint."""
     import importlib
@@ -529,22 +590,37 @@ def validation_images(unet, vae, text_encoders, tokenizers, args, device, weight
 # ---------------------------------------------------------------------------------------------
 
 def main(args: argparse.Namespace) -> dict:
-    """Train; returns a summary dict (final step, losses, output files). See the module docstring."""
+    """Train; returns a summary dict (final step, losses, output files). See the module docstring.
+    Under torchrun, every rank runs this; see `Distributed`."""
+    ddp = Distributed()
+    try:
+        return train(args, ddp)
+    finally:
+        ddp.close()
+
+
+def train(args: argparse.Namespace, ddp: Distributed) -> dict:
+    log = print if ddp.main else (lambda *a, **k: None)
     if args.demo:
-        apply_demo_defaults(args)
+        if ddp.main:
+            apply_demo_defaults(args)  # writes the tiny model and data once ...
+        ddp.barrier()
+        if not ddp.main:
+            apply_demo_defaults(args)  # ... and the other ranks find them
     check_args(args)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_config(args, out / "config.toml")  # the resolved flags: `--config out/config.toml` repeats the run
-    reporter = Reporter(args.report_to, out, args)
+    if ddp.main:
+        write_config(args, out / "config.toml")  # the resolved flags: `--config out/config.toml` repeats the run
+    reporter = Reporter(args.report_to if ddp.main else "none", out, args)
     started = time.perf_counter()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = ddp.device(args.device)
     weight_dtype = pick_precision(args, device)
     if args.allow_tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     seed = 0 if args.seed is None else args.seed
     torch.manual_seed(seed)
-    print(f"device {device}, frozen weights in {weight_dtype}, LoRA weights in float32")
+    log(f"device {device}, frozen weights in {weight_dtype}, LoRA weights in float32")
 
     # 1. Models: frozen UNet in weight_dtype on the device; VAE and text encoders for encoding.
     try:
@@ -560,7 +636,7 @@ def main(args: argparse.Namespace) -> dict:
     options = dict(rank=args.rank, alpha=args.lora_alpha, dropout=args.lora_dropout, rank_dropout=args.rank_dropout,
                    module_dropout=args.module_dropout, dora=args.use_dora, init=args.init_lora_weights, dtype=torch.float32)
     report = lora.inject(unet, lora_targets(args.lora_targets), conv_rank=args.conv_rank, conv_alpha=args.conv_alpha, **options)
-    print(f"LoRA: {report}")
+    log(f"LoRA: {report}")
     adapted = {"unet": unet}  # the models with adapters; their trainable names get these prefixes (none for the UNet)
     if args.train_text_encoder:
         for name, te in zip(("te1", "te2"), text_encoders):
@@ -568,7 +644,7 @@ def main(args: argparse.Namespace) -> dict:
             # SDXL reads text encoder 1's penultimate layer, so its last layer gets no gradient: no adapters there.
             # (Text encoder 2's last layer feeds the pooled vector, so it trains.)
             last = f"layers.{te.config.num_hidden_layers - 1}.**" if name == "te1" else ()
-            print(f"LoRA on {name}: {lora.inject(te, TEXT_ENCODER_TARGETS, exclude=last, **options)}")
+            log(f"LoRA on {name}: {lora.inject(te, TEXT_ENCODER_TARGETS, exclude=last, **options)}")
             adapted[name] = te
     trainable_named = {(n if part == "unet" else f"{part}.{n}"): p
                        for part, model in adapted.items() for n, p in model.named_parameters() if p.requires_grad}
@@ -583,11 +659,14 @@ def main(args: argparse.Namespace) -> dict:
                           bucketing=args.bucketing, max_train_samples=args.max_train_samples, seed=seed)
     except DataError as e:
         raise SystemExit(f"train.py: error: {e}") from None
-    sampler = BucketBatchSampler(dataset.bucket_ids, args.train_batch_size, seed=seed)
+    sampler = BucketBatchSampler(dataset.bucket_ids, args.train_batch_size, seed=seed, rank=ddp.rank, world_size=ddp.world)
     batches_per_epoch = sampler.batches_per_epoch
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    lr = args.learning_rate * (args.train_batch_size * args.gradient_accumulation_steps if args.scale_lr else 1)
+    global_batch = args.train_batch_size * ddp.world * args.gradient_accumulation_steps
+    lr = args.learning_rate * (global_batch if args.scale_lr else 1)
+    log(f"global batch {global_batch} = {args.train_batch_size} per device x {ddp.world} processes x "
+        f"{args.gradient_accumulation_steps} accumulation steps; {total_steps} optimizer steps")
 
     # 4. Caches: every latent and caption encoded once, then the VAE and text encoders leave the device.
     cache = Cache(out / "cache")
@@ -606,19 +685,21 @@ def main(args: argparse.Namespace) -> dict:
         return cache.get("text", content_key(ident, caption), compute) if cache_text else compute()
     if cache_latents:
         if not args.center_crop or args.random_flip:
-            print("note: latents are cached, so each image's random crop/flip is drawn once and kept for "
+            log("note: latents are cached, so each image's random crop/flip is drawn once and kept for "
                   "every epoch; pass --no-cache_latents to redraw them every epoch.")
-        for i in tqdm(range(len(dataset)), desc="caching latents", disable=len(dataset) < 64):
-            latents_of(0, i)
+        for i in tqdm(range(ddp.rank, len(dataset), ddp.world), desc="caching latents", disable=len(dataset) < 64 or not ddp.main):
+            latents_of(0, i)  # each rank encodes its share; the files are then read by all
         vae.to("cpu")
     if cache_text:
-        for caption in tqdm(sorted(set(dataset.captions)) + [""], desc="caching text", disable=len(dataset) < 64):
+        captions = sorted(set(dataset.captions)) + [""]
+        for caption in tqdm(captions[ddp.rank::ddp.world], desc="caching text", disable=len(dataset) < 64 or not ddp.main):
             text_of(caption)
         for te in text_encoders:
             te.to("cpu")
+    ddp.barrier()  # every cache entry is on disk now
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    print("on the device during training:\n" + memory_plan(unet, vae, text_encoders, trainable, cache_latents, cache_text))
+    log("on the device during training:\n" + memory_plan(unet, vae, text_encoders, trainable, cache_latents, cache_text))
 
     # 5. Optimizer, noise generator, and resume
     groups = [{"params": [p for n, p in trainable_named.items() if not n.startswith(("te1.", "te2."))], "lr": lr}]
@@ -628,13 +709,12 @@ def main(args: argparse.Namespace) -> dict:
     optimizer = make_optimizer(args, groups, device)
     ema = EMA(trainable_named, args.ema_decay, "cpu" if args.ema_on_cpu else device) if args.use_ema else None
     scaler = torch.amp.GradScaler(device.type, enabled=weight_dtype == torch.float16)
-    noise_gen = torch.Generator().manual_seed(seed)
-    sched = NoiseSchedule()  # timesteps, noise, caption dropout: CPU, so runs repeat
+    sched = NoiseSchedule()
     step, epoch, batches_done = 0, 0, 0
     if args.resume_from_checkpoint:
         ckpt = find_latest(out) if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint)
         if ckpt is None:
-            print(f"no checkpoint in {out}: starting from step 0")
+            log(f"no checkpoint in {out}: starting from step 0")
         else:
             try:
                 state, adapters, opt_sd, rng = load_checkpoint(ckpt)
@@ -653,24 +733,32 @@ def main(args: argparse.Namespace) -> dict:
             optimizer.load_state_dict(opt_sd)
             if scaler.is_enabled() and state.get("grad_scaler"):
                 scaler.load_state_dict(state["grad_scaler"])  # fp16: the loss scale it had reached
-            restore_rng(rng, noise_gen)
-            step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
-            print(f"resumed from {ckpt} at step {step} (epoch {epoch}, batch {batches_done})")
+            restore_rng(rng, None)
+            # The data position is kept in global batches, so a run can resume on another number of processes.
+            step, epoch, global_done = state["step"], state["epoch"], state["batches_done"] * state.get("world_size", 1)
+            batches_done = global_done // ddp.world
+            if global_done % ddp.world:
+                log(f"note: {global_done} batches of this epoch were done by {state.get('world_size', 1)} processes; "
+                    f"with {ddp.world} the next {global_done % ddp.world} are seen twice.")
+            log(f"resumed from {ckpt} at step {step} (epoch {epoch}, batch {batches_done})")
 
     def checkpoint():
-        state = {"epoch": epoch, "batches_done": batches_done, "grad_scaler": scaler.state_dict(), "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
+        if not ddp.main:
+            return
+        state = {"epoch": epoch, "batches_done": batches_done, "world_size": ddp.world, "grad_scaler": scaler.state_dict(), "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
         tensors = trainable_named | ({f"ema.{n}": t for n, t in ema.shadow.items()} if ema else {})
-        path = save_checkpoint(out, step, tensors, optimizer, state, noise_generator=noise_gen, keep_last=args.checkpoints_total_limit)
-        print(f"saved {path}")
+        path = save_checkpoint(out, step, tensors, optimizer, state, keep_last=args.checkpoints_total_limit)
+        log(f"saved {path}")
 
     # SIGINT/SIGTERM: finish the current optimizer step, save a checkpoint, exit cleanly.
     stop = {"signal": None}
     handlers = {s: signal.signal(s, lambda signum, _: stop.update(signal=signum)) for s in (signal.SIGINT, signal.SIGTERM)}
 
     # 6. Train (metrics of steps after the resumed one, from a run that went further, are dropped)
-    metrics_path = out / "metrics.jsonl"
-    kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= step] if metrics_path.is_file() else []
-    metrics_path.write_text("".join(l + "\n" for l in kept))
+    metrics_path = out / "metrics.jsonl" if ddp.main else Path(os.devnull)
+    if ddp.main:
+        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= step] if metrics_path.is_file() else []
+        metrics_path.write_text("".join(l + "\n" for l in kept))
     metrics = open(metrics_path, "a")
     per_image: dict[str, float] = {}
 
@@ -692,37 +780,50 @@ def main(args: argparse.Namespace) -> dict:
         path.parent.mkdir(exist_ok=True)
         grid.save(path)
         reporter.image("validation", grid, step)
-        print(f"validation images: {path}")
+        log(f"validation images: {path}")
         return path
     losses: list[float] = []
-    progress = tqdm(total=total_steps, initial=step, desc="training", dynamic_ncols=True)
+    progress = tqdm(total=total_steps, initial=step, desc="training", dynamic_ncols=True, disable=not ddp.main)
     for model in adapted.values():
         model.train()
-    t_last, accum_loss, micro = time.perf_counter(), 0.0, 0
+    # Under torchrun: DDP averages the adapters' gradients over the processes (unet_step is what runs forward).
+    unet_step = ddp.wrap(unet, device)
+    encoders_step = [ddp.wrap(te, device) for te in text_encoders] if args.train_text_encoder else text_encoders
+    wrapped = [m for m in (unet_step, *encoders_step) if m is not unet and all(m is not te for te in text_encoders)]
+    t_last, accum_loss, micro, stopping = time.perf_counter(), 0.0, 0, False
     try:
-        while step < total_steps and stop["signal"] is None:
+        while step < total_steps and not stopping:
             sampler.set_epoch(epoch, skip_batches=batches_done)
             for batch_indices in sampler:
+                # This batch's randomness (caption dropout, noise, timesteps) comes from its place in the epoch's
+                # global order, so any number of processes, and a resume, draw the same as one process would.
+                gen = seeded_generator("noise", seed, epoch, batches_done * ddp.world + ddp.rank)
+                last_micro = micro + 1 == args.gradient_accumulation_steps or batches_done + 1 == batches_per_epoch
+                sync = contextlib.ExitStack()
+                if not last_micro:  # DDP: no gradient all-reduce until the last micro-batch of the step
+                    for m in wrapped:
+                        sync.enter_context(m.no_sync())
+                sync.__enter__()
                 # Conditioning, from the caches (or computed now): latents, text, time ids.
                 x0 = torch.stack([latents_of(epoch, i) for i in batch_indices])  # (B, 4, H/8, W/8)
-                captions = drop_caption([dataset.captions[i] for i in batch_indices], args.caption_dropout, noise_gen)
+                captions = drop_caption([dataset.captions[i] for i in batch_indices], args.caption_dropout, gen)
                 if args.train_text_encoder:  # through the adapted encoders, with gradients
                     with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-                        context, pooled = encode_text(text_encoders, tokenizers, captions)  # (B, 77, 2048), (B, 1280)
+                        context, pooled = encode_text(encoders_step, tokenizers, captions)  # (B, 77, 2048), (B, 1280)
                 else:
                     texts = [text_of(c) for c in captions]
                     context = torch.stack([t["context"] for t in texts])  # (B, 77, 2048)
                     pooled = torch.stack([t["pooled"] for t in texts])  # (B, 1280)
                 time_ids = torch.tensor([dataset.augmentation(aug_epoch(epoch), i).time_ids() for i in batch_indices])  # (B, 6)
                 B = x0.shape[0]
-                # Noise and timesteps, drawn on the CPU from one generator.
-                noise = training_noise(x0.shape, args.noise_offset, noise_gen)
-                t = torch.randint(0, sched.num_train_timesteps, (B,), generator=noise_gen)
+                # Noise and timesteps, drawn on the CPU, so runs repeat on any device.
+                noise = training_noise(x0.shape, args.noise_offset, gen)
+                t = torch.randint(0, sched.num_train_timesteps, (B,), generator=gen)
                 x0, noise, t = x0.to(device), noise.to(device), t.to(device)
                 x_t = sched.add_noise(x0, noise, t)
                 target = sched.target(x0, noise, t, prediction_type)
                 with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-                    pred = unet(x_t.to(weight_dtype), t, context.to(device, weight_dtype), pooled.to(device, weight_dtype),
+                    pred = unet_step(x_t.to(weight_dtype), t, context.to(device, weight_dtype), pooled.to(device, weight_dtype),
                                 time_ids.to(device, weight_dtype))
                 per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                 if args.snr_gamma:
@@ -734,7 +835,8 @@ def main(args: argparse.Namespace) -> dict:
                         f"the fp16-fix VAE), a learning rate too high ({lr}), or fp16 overflow (try --mixed_precision bf16). "
                         f"Nothing was saved for this step; the last good checkpoint in {out} is kept.")
                 scaler.scale(loss / args.gradient_accumulation_steps).backward()
-                accum_loss += loss.item() / args.gradient_accumulation_steps
+                sync.close()
+                accum_loss += ddp.mean(loss.detach()).item() / args.gradient_accumulation_steps
                 if args.debug_loss:  # which images the loss comes from (diffusers logs it by file name)
                     per_image.update({dataset.names[i]: v for i, v in zip(batch_indices, per_sample.tolist())})
                 micro += 1
@@ -757,7 +859,9 @@ def main(args: argparse.Namespace) -> dict:
                 record = {"step": step, "epoch": epoch, "loss": accum_loss, "lr": optimizer.param_groups[0]["lr"],
                           "it_per_s": 1.0 / (now - t_last), "peak_memory_bytes": peak_memory_bytes(device)}
                 if args.debug_loss:
-                    record["per_image_loss"], per_image = per_image, {}
+                    record["per_image_loss"], per_image = per_image, {}  # (this process's images)
+                if ddp.world > 1:  # a check that DDP keeps the copies equal: one number per process
+                    record["adapter_checksum_per_rank"] = ddp.gather(sum(p.detach().double().sum().item() for p in trainable))
                 reporter.scalars(record, step)
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
@@ -768,22 +872,26 @@ def main(args: argparse.Namespace) -> dict:
                 epoch_ended = batches_done == batches_per_epoch
                 if epoch_ended:
                     epoch, batches_done = epoch + 1, 0
-                if args.validation_prompt and (step % args.validation_steps == 0 if args.validation_steps
-                                               else epoch_ended and epoch % args.validation_epochs == 0):
-                    validate(f"step-{step:06d}")
+                if ddp.main and args.validation_prompt and (
+                        step % args.validation_steps == 0 if args.validation_steps
+                        else epoch_ended and epoch % args.validation_epochs == 0):
+                    validate(f"step-{step:06d}")  # the other processes wait at the next all-reduce
                     t_last = time.perf_counter()  # validation time is not training speed
-                if step % args.checkpointing_steps == 0 or stop["signal"] is not None:
+                stopping = ddp.any(stop["signal"] is not None)  # a signal to one process stops them all
+                if step % args.checkpointing_steps == 0 or stopping:
                     checkpoint()
-                if step >= total_steps or stop["signal"] is not None:
+                if step >= total_steps or stopping:
                     break
     finally:
         progress.close()
         metrics.close()
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    if stop["signal"] is not None:
-        print(f"stopped by signal {stop['signal']} at step {step}; resume with --resume_from_checkpoint latest")
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if stopping:
+        log(f"stopped by signal {stop['signal']} at step {step}; resume with --resume_from_checkpoint latest")
         return {"step": step, "losses": losses, "stopped": True}
+    if not ddp.main:  # rank 0 writes the files
+        return {"step": step, "losses": losses, "stopped": False}
 
     # 7. Save the LoRA in both formats people exchange (the EMA weights with --use_ema).
     if ema is not None:
@@ -804,7 +912,7 @@ def main(args: argparse.Namespace) -> dict:
                "peak_memory_bytes": peak_memory_bytes(device), "final_loss": all_losses[-1] if all_losses else None,
                "files": [str(f) for f in files]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"done: {step} steps in {summary['seconds']} s, peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB, "
+    log(f"done: {step} steps in {summary['seconds']} s, peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB, "
           f"final loss {summary['final_loss']}; wrote:\n  " + "\n  ".join(summary["files"]))
     return {"step": step, "losses": losses, "files": files, "stopped": False, "summary": summary}
 

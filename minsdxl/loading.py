@@ -409,7 +409,7 @@ def encode_text(text_encoders, tokenizers, prompts: list[str]) -> tuple[torch.Te
     contexts, pooled = [], None
     for tokenizer, encoder in zip(tokenizers, text_encoders):
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(encoder.device)  # (B, 77)
+                        return_tensors="pt").input_ids.to(next(encoder.parameters()).device)  # (B, 77)
         out = encoder(ids, output_hidden_states=True)
         contexts.append(out.hidden_states[-2])  # (B, 77, hidden)
         pooled = out[0]  # for encoder 2: text_embeds (B, proj); overwritten until the last encoder
