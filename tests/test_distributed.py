@@ -88,3 +88,16 @@ def test_a_failing_rank_stops_the_job_with_its_message(tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0
     assert "is not a complete minsdxl checkpoint" in result.stdout + result.stderr
+
+
+def test_recipe_flags_under_ddp(tmp_path):
+    """Text-encoder LoRA (a second DDP model), EMA, Min-SNR, checkpointing, accumulation, validation."""
+    out = tmp_path / "mix"
+    torchrun(out, "--max_train_steps", "2", "--train_text_encoder", "--use_ema", "--snr_gamma", "5",
+             "--gradient_checkpointing", "--gradient_accumulation_steps", "2", "--validation_prompt", "a circle",
+             "--num_validation_images", "1", "--validation_steps", "2", "--validation_inference_steps", "1")
+    for r in records(out):
+        a, b = r["adapter_checksum_per_rank"]
+        assert a == b, r
+    assert (out / "validation" / "step-000002.png").is_file()
+    assert any(k.startswith("lora_te2_") for k in load_file(str(out / "lora_kohya.safetensors")))
