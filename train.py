@@ -38,21 +38,11 @@ import lora
 from minsdxl.data import BucketBatchSampler, DataError, Dataset, drop_caption, make_demo_dataset, seeded_generator
 from minsdxl.generate import Models, compare_grid, decode, generate
 from minsdxl.loading import LATENT_SCALE, LoadError, encode_text, load_text_encoders, load_tokenizers, load_unet, load_vae
-from minsdxl.lora_files import save_sdxl_lora
+from minsdxl.lora_files import LORA_TARGET_PRESETS, save_sdxl_lora
 from minsdxl.schedule import NoiseSchedule
 from minsdxl.tiny import write_tiny_pipeline
 from minsdxl.train_state import CheckpointError, find_latest, load_checkpoint, restore_rng, save_checkpoint
 
-# Which modules get adapters. "attn" is what diffusers' script trains (its `target_modules`).
-LORA_TARGET_PRESETS = {
-    "attn": ["to_q", "to_k", "to_v", "to_out.0"],
-    "self_attn": ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"],
-    "cross_attn": ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"],
-    "attn_ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
-    # Every Linear/Conv2d of the transformer and resnet blocks: with --conv_rank, the 3x3 resnet convs
-    # too (LoCon); without it they are skipped and the report says so.
-    "all": ["transformer_blocks", "proj_in", "proj_out", "resnets", "attentions", "downsamplers", "upsamplers"],
-}
 # diffusers' script puts text-encoder adapters on CLIP's attention projections.
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")

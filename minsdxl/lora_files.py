@@ -13,14 +13,28 @@ end up silently doing nothing.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+
+import torch
 
 import lora
 from lora.files import apply, collect, parse, read_file, write
 
 from . import convert
 from .loading import text_encoder_module_name
+from .config import UNetConfig
 from .unet import UNet
+
+# Which UNet modules get adapters: train.py's --lora_targets presets. "attn" is what diffusers' script
+# trains (its `target_modules`); "all" reaches every Linear/Conv2d of the blocks (3x3 convs need a conv rank).
+LORA_TARGET_PRESETS = {
+    "attn": ["to_q", "to_k", "to_v", "to_out.0"],
+    "self_attn": ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"],
+    "cross_attn": ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"],
+    "attn_ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
+    "all": ["transformer_blocks", "proj_in", "proj_out", "resnets", "attentions", "downsamplers", "upsamplers"],
+}
 
 PREFIXES = {  # component -> (kohya prefix, diffusers prefix)
     "unet": ("lora_unet_", "unet."),
@@ -76,3 +90,30 @@ def load_sdxl_lora(unet: UNet, path, text_encoders=None, strict: bool = True) ->
         raise lora.LoRAError(f"{path}: {len(unplaced)} of {len(entries)} adapters fit no SDXL module{te_hint}; "
                              f"first ten: {unplaced[:10]}. This LoRA may be for another model (SD 1.5, the refiner).")
     return unplaced
+
+
+def adapter_table(rank: int = 16, conv_rank: int | None = None, cfg: UNetConfig | None = None) -> list[tuple[str, int, int]]:
+    """[(preset, adapted modules, trainable parameters)] on SDXL base (built on the meta device)."""
+    rows = []
+    for name, targets in LORA_TARGET_PRESETS.items():
+        with torch.device("meta"):
+            unet = UNet(cfg or UNetConfig.sdxl_base())
+        report = lora.inject(unet, targets, rank=rank, conv_rank=conv_rank)
+        rows.append((name, report.wrapped, report.trainable_params))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m minsdxl.lora_files --rank 16`: how many parameters each --lora_targets preset trains."""
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--conv_rank", type=int, help="also adapt 3x3 convs (LoCon) where a preset reaches them")
+    args = p.parse_args(argv)
+    print(f"| preset | patterns | adapted modules | trainable parameters (rank {args.rank}"
+          f"{f', conv rank {args.conv_rank}' if args.conv_rank else ''}) |\n| --- | --- | ---: | ---: |")
+    for name, modules, params in adapter_table(args.rank, args.conv_rank):
+        print(f"| `{name}` | {', '.join(LORA_TARGET_PRESETS[name])} | {modules} | {params:,} |")
+
+
+if __name__ == "__main__":
+    main()

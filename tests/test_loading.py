@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from minsdxl import UNet, UNetConfig, convert
 from minsdxl.loading import LoadError, encode_text, load_text_encoders, load_tokenizers, load_unet, load_vae
-from minsdxl.tiny import write_tiny_pipeline
+from minsdxl.tiny import transformers_to_open_clip, write_single_file, write_tiny_pipeline
 from tests import reference_configs
 from tests.test_unet import CONFIGS
 
@@ -44,77 +44,6 @@ def assert_unet_matches(ours, ref_unet, atol=0.0):
 
 
 # --- the inverse conversions a test needs to write Stability's layout ------------------------------
-
-def transformers_to_open_clip(sd):
-    out = {}
-    for k, v in sd.items():
-        if k == "text_projection.weight":
-            out["text_projection"] = v.T.contiguous()
-            continue
-        rev = {b: a for a, b in convert.OPENCLIP_TOP.items()}
-        if k in rev:
-            out[rev[k]] = v
-            continue
-        if k.endswith("position_ids"):
-            continue
-        layer, rest = k.split(".layers.")[1].split(".", 1)
-        base = f"transformer.resblocks.{layer}"
-        if rest.startswith("self_attn.q_proj."):
-            kind = rest.rsplit(".", 1)[1]
-            parts = [sd[f"text_model.encoder.layers.{layer}.self_attn.{n}_proj.{kind}"] for n in "qkv"]
-            out[f"{base}.attn.in_proj_{kind}"] = torch.cat(parts)
-        elif rest.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
-            continue
-        else:
-            for a, b in convert.OPENCLIP_LAYER:
-                if rest.startswith(b + "."):
-                    rest = a + rest[len(b):]
-            out[f"{base}.{rest}"] = v
-    return out
-
-
-def diffusers_vae_to_ldm(sd, levels):
-    out = {}
-    for k, v in sd.items():
-        n = k
-        for i in range(levels):
-            n = n.replace(f"encoder.down_blocks.{i}.resnets.", f"encoder.down.{i}.block.")
-            n = n.replace(f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.")
-            n = n.replace(f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{levels - 1 - i}.block.")
-            n = n.replace(f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{levels - 1 - i}.upsample.")
-        n = n.replace("mid_block.resnets.0", "mid.block_1").replace("mid_block.resnets.1", "mid.block_2")
-        n = n.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
-        if "mid_block.attentions.0." in n:
-            n = n.replace("mid_block.attentions.0.", "mid.attn_1.")
-            for a, b in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
-                n = n.replace(f".{a}.", f".{b}.")
-            if v.dim() == 2:
-                v = v[:, :, None, None]  # LDM's attention projections are 1x1 convs
-        out[n] = v
-    return out
-
-
-def write_single_file(root, path, with_metadata=True, dtype=torch.float16):
-    """The tiny pipeline as Stability's single file: SGM/OpenCLIP/LDM names under their prefixes, fp16."""
-    unet = load_file(str(root / "unet/diffusion_pytorch_model.safetensors"))
-    te1 = load_file(str(root / "text_encoder/model.safetensors"))
-    te2 = load_file(str(root / "text_encoder_2/model.safetensors"))
-    vae = load_file(str(root / "vae/diffusion_pytorch_model.safetensors"))
-    vae_cfg = json.loads((root / "vae/config.json").read_text())
-    sd = {convert.SGM_UNET_PREFIX + k: v for k, v in convert.unet_diffusers_to_sgm(unet).items()}
-    # The official file names text encoder 1's weights `text_model.*` (transformers 5 models drop it).
-    sd.update({convert.SGM_TE1_PREFIX + ("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in te1.items()})
-    sd.update({convert.SGM_TE2_PREFIX + k: v for k, v in transformers_to_open_clip(te2).items()})
-    sd.update({convert.SGM_VAE_PREFIX + k: v for k, v in diffusers_vae_to_ldm(vae, len(vae_cfg["block_out_channels"])).items()})
-    metadata = None
-    if with_metadata:
-        configs = {"unet": json.loads((root / "unet/config.json").read_text()), "vae": vae_cfg,
-                   "text_encoder": json.loads((root / "text_encoder/config.json").read_text()),
-                   "text_encoder_2": json.loads((root / "text_encoder_2/config.json").read_text())}
-        metadata = {"minsdxl.configs": json.dumps(configs)}
-    save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
-    return sd
-
 
 # --- key conversion -------------------------------------------------------------------------------
 

@@ -1,0 +1,88 @@
+"""The docs cannot go stale: every `file:Lx-Ly (symbol)` reference still points at its symbol, every
+command in the learning docs runs (CPU, no download), the committed diagram is what the code draws,
+and the numbers the docs quote come out of the code."""
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minsdxl import UNetConfig
+from minsdxl.inspect import summarize
+from minsdxl.memory import training_budget
+from minsdxl.tiny import write_single_file, write_tiny_pipeline
+from minsdxl.trace import trace
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+RUNNABLE = ["architecture.md", "weights.md", "memory.md", "lora.md", "sampling.md"]  # commands on the tiny model or meta
+REFERENCE = re.compile(r"`([\w/]+\.py):L(\d+)-L(\d+) \(([^)]*)\)`")
+
+
+def references():
+    return [(doc.name, *m.groups()) for doc in DOCS for m in REFERENCE.finditer(doc.read_text())]
+
+
+def test_there_are_references():
+    assert len(references()) >= 10
+
+
+@pytest.mark.parametrize("doc, path, start, end, symbol", references())
+def test_line_references_point_at_their_symbol(doc, path, start, end, symbol):
+    lines = (ROOT / path).read_text().splitlines()
+    start, end = int(start), int(end)
+    assert 1 <= start <= end <= len(lines), f"{doc}: {path}:L{start}-L{end} is outside the file"
+    assert symbol in lines[start - 1], f"{doc}: {path}:L{start} is now {lines[start - 1]!r}, not {symbol!r}"
+
+
+def commands(name: str) -> list[str]:
+    """The `python ...` lines of a doc's code blocks, in order (later ones may use earlier ones' files)."""
+    out = []
+    for block in re.findall(r"```\n(.*?)```", (ROOT / "docs" / name).read_text(), flags=re.S):
+        out += [line.split("  #")[0].strip() for line in block.splitlines() if line.startswith("python ")]
+    return out
+
+
+@pytest.mark.parametrize("doc", RUNNABLE)
+def test_every_command_in_the_docs_runs(doc, tmp_path):
+    assert commands(doc), f"{doc} has no command"
+    before = (ROOT / "docs" / "unet.svg").read_bytes()
+    for command in commands(doc):
+        command = command.replace("/tmp/minsdxl-docs", str(tmp_path)).replace("out/", f"{tmp_path}/out/")
+        argv = [sys.executable] + shlex.split(command)[1:]
+        result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"{doc}: `{command}` failed:\n{result.stderr[-2000:]}"
+    assert (ROOT / "docs" / "unet.svg").read_bytes() == before  # the committed diagram is the current one
+
+
+def test_trace_of_the_full_model():
+    steps = trace(UNetConfig.sdxl_base(), 1024)
+    assert sum(s.params for s in steps) == 2_567_463_684  # every parameter sits in exactly one traced block
+    assert steps[2].path == "conv_in" and steps[2].output_shape == (1, 320, 128, 128)
+    mid = [s for s in steps if s.path.startswith("mid_block")]
+    assert [s.output_shape for s in mid] == [(1, 1280, 32, 32)] * 3
+    assert "1024 tokens" in mid[1].conditioning and "77" in mid[1].conditioning
+    assert steps[-1].output_shape == (1, 4, 128, 128)
+    assert sum(s.kind == "Transformer2DModel" for s in steps) == 11  # 2 + 2 down, 1 mid, 3 + 3 up
+
+
+def test_memory_budget_adds_up():
+    budget = training_budget(UNetConfig.sdxl_base(), 512, dtype=torch.bfloat16)
+    assert budget.weights == 2 * 2_567_463_684
+    assert budget.adapters == budget.gradients == 4 * 23_224_320 and budget.optimizer == 8 * 23_224_320
+    no_ckpt = training_budget(UNetConfig.sdxl_base(), 512, dtype=torch.bfloat16, checkpointing=False)
+    assert 0 < budget.activations < no_ckpt.activations / 5
+
+
+def test_inspect_names_every_component(tmp_path):
+    root = write_tiny_pipeline(tmp_path / "pipe")
+    write_single_file(root, tmp_path / "single.safetensors")
+    rows = {name: params for name, _, params, _, _ in summarize(tmp_path / "single.safetensors")}
+    assert set(rows) == {"UNet (SGM names)", "text encoder 1, CLIP ViT-L (transformers names)",
+                         "text encoder 2, OpenCLIP ViT-bigG (OpenCLIP names)", "VAE (SGM names)"}
+    unet = {name: params for name, _, params, _, _ in summarize(root / "unet" / "diffusion_pytorch_model.safetensors")}
+    assert unet == {"unet/ (diffusers names)": rows["UNet (SGM names)"]}
