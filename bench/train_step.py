@@ -42,7 +42,24 @@ VARIANTS = {
     "LoCon (every layer, conv rank 16)": {"targets": ["transformer_blocks", "proj_in", "proj_out", "resnets",
                                                       "attentions", "downsamplers", "upsamplers"], "conv_rank": 16},
     "EMA on the device": {"ema": True},
+    "text encoders trained too (no text cache)": {"text_encoders": True},
 }
+
+
+def text_encoders(cfg: UNetConfig, dtype, device) -> list:
+    """SDXL's two text encoders (for the base config at full size: CLIP ViT-L and OpenCLIP ViT-bigG),
+    random, frozen; train.py --train_text_encoder then puts LoRA on their q/k/v/out projections."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    if cfg.cross_attention_dim == 2048:
+        clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                projection_dim=768, hidden_act="quick_gelu")
+        clip_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                                projection_dim=1280, hidden_act="gelu")
+    else:  # a small config: widths that add up to the UNet's context width
+        w1, w2 = cfg.cross_attention_dim - cfg.pooled_text_dim, cfg.pooled_text_dim
+        clip_l = CLIPTextConfig(hidden_size=w1, intermediate_size=2 * w1, num_hidden_layers=2, num_attention_heads=2, projection_dim=w1)
+        clip_g = CLIPTextConfig(hidden_size=w2, intermediate_size=2 * w2, num_hidden_layers=2, num_attention_heads=2, projection_dim=w2)
+    return [m.to(device, dtype).requires_grad_(False) for m in (CLIPTextModel(clip_l), CLIPTextModelWithProjection(clip_g))]
 
 
 def add_lora(side: str, model, args) -> list[torch.nn.Parameter]:
@@ -60,8 +77,8 @@ def add_lora(side: str, model, args) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def step_fn(side: str, model, params, cfg: UNetConfig, args):
-    """One training step on the cached inputs."""
+def step_fn(side: str, model, params, cfg: UNetConfig, args, encoders=None):
+    """One training step on the cached inputs (with `encoders`: the text conditioning computed, with grad)."""
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
     x0, _, context, pooled, time_ids = make_inputs(cfg, args.batch, args.latent, dtype, device)
     x0 = x0.float()
@@ -70,7 +87,15 @@ def step_fn(side: str, model, params, cfg: UNetConfig, args):
     g = torch.Generator().manual_seed(0)
     ema = [p.detach().clone() for p in params] if side == "ours" and VARIANTS[args.variant].get("ema") else None
 
+    ids = torch.randint(0, 49408, (x0.shape[0], 77), generator=g).to(device)
+
     def step():
+        nonlocal context, pooled
+        if encoders:  # SDXL's text conditioning: both penultimate layers, encoder 2's pooled projection
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                out1, out2 = (te(ids, output_hidden_states=True) for te in encoders)
+                context = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+                pooled = out2.text_embeds
         noise = torch.randn(x0.shape, generator=g).to(device)
         t = torch.randint(0, 1000, (x0.shape[0],), generator=g).to(device)
         x_t = schedule.add_noise(x0, noise, t)
@@ -92,10 +117,17 @@ def step_fn(side: str, model, params, cfg: UNetConfig, args):
 def one_side(side: str, cfg: UNetConfig, args, weights=None, before_lora=None):
     checkpointing = VARIANTS[args.variant].get("checkpointing", args.checkpointing) if side == "ours" else args.checkpointing
     model = build(side, cfg, DTYPES[args.dtype], torch.device(args.device), checkpointing, weights)
+    encoders = None
+    if side == "ours" and VARIANTS[args.variant].get("text_encoders"):
+        encoders = text_encoders(cfg, DTYPES[args.dtype], torch.device(args.device))  # frozen: before the measurement
     if before_lora:
         before_lora()
     params = add_lora(side, model, args)
-    return model, step_fn(side, model, params, cfg, args), sum(p.numel() for p in params)
+    for te in encoders or ():
+        lora.inject(te, ["q_proj", "k_proj", "v_proj", "out_proj"], rank=args.rank, alpha=args.rank, init="gaussian",
+                    dtype=torch.float32)
+        params += [p for p in te.parameters() if p.requires_grad]
+    return model, step_fn(side, model, params, cfg, args, encoders), sum(p.numel() for p in params)
 
 
 def memory_in_subprocess(side: str) -> int:

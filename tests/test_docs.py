@@ -19,7 +19,8 @@ from minsdxl.trace import trace
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted((ROOT / "docs").glob("*.md"))
-RUNNABLE = ["architecture.md", "weights.md", "memory.md", "lora.md", "sampling.md"]  # commands on the tiny model or meta
+RUNNABLE = ["architecture.md", "weights.md", "memory.md", "lora.md", "sampling.md", "training.md"]  # tiny model or meta device
+# (performance.md and distributed.md hold benchmark and torchrun recipes for full-size weights and GPUs.)
 REFERENCE = re.compile(r"`([\w/]+\.py):L(\d+)-L(\d+) \(([^)]*)\)`")
 
 
