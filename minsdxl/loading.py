@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -101,16 +102,18 @@ class TensorSource:
                 self.where[name], self.shapes[name] = f, tuple(shape)
                 self.entries[name] = (dtype, data_start + start, end - start)
 
-    def get(self, name: str, scratch: bool = False) -> torch.Tensor:
-        """The tensor `name`. With scratch=True it lives in a reused buffer, valid until the next call:
-        for a tensor that is converted right away, this saves allocating (and page-faulting) it."""
+    def get(self, name: str, scratch: int | None = None) -> torch.Tensor:
+        """The tensor `name`. With scratch=k it lives in reusable buffer k (0 or 1), valid until the next
+        read into that buffer: for a tensor that is converted right away, this saves allocating (and
+        page-faulting) it, and two buffers let one tensor be read while the other is converted."""
         dtype, offset, size = self.entries[name]
         if dtype not in SAFETENSORS_DTYPES:
             raise LoadError(f"{self.where[name]}: tensor '{name}' has dtype {dtype}, which minsdxl cannot read")
-        if scratch:
-            if getattr(self, "_scratch", None) is None or self._scratch.numel() < size:
-                self._scratch = torch.empty(max(size, 64 * 2**20), dtype=torch.uint8)
-            buf = self._scratch[:size]
+        if scratch is not None:
+            buffers = self.__dict__.setdefault("_scratch", [None, None])
+            if buffers[scratch] is None or buffers[scratch].numel() < size:
+                buffers[scratch] = torch.empty(max(size, 64 * 2**20), dtype=torch.uint8)
+            buf = buffers[scratch][:size]
         else:
             buf = torch.empty(size, dtype=torch.uint8)  # uninitialised: the read fills it
         with open(self.where[name], "rb", buffering=0) as fh:
@@ -133,16 +136,25 @@ def _materialize(model: torch.nn.Module, names: dict[str, str], src: TensorSourc
     wrong = [f"{names[k]}: file {shapes[k]} vs model {expected[k]}" for k in expected if shapes and shapes[k] != expected[k]]
     if wrong:
         raise LoadError(f"{where}: {len(wrong)} tensors have the wrong shape (first ten: {wrong[:10]})")
-    state = {}
-    for key in expected:
+    def read(i: int, key: str) -> torch.Tensor:
         if transform is not None:
-            tensor = transform[key]
-        else:
-            file_dtype = SAFETENSORS_DTYPES.get(src.entries[names[key]][0])
-            converts = file_dtype != dtype or torch.device(device).type != "cpu"
-            tensor = src.get(names[key], scratch=converts and file_dtype is not None and file_dtype.is_floating_point)
-        target = dtype if tensor.is_floating_point() else tensor.dtype
-        state[key] = tensor.to(device=device, dtype=target)  # a new tensor whenever `tensor` is scratch
+            return transform[key]
+        file_dtype = SAFETENSORS_DTYPES.get(src.entries[names[key]][0])
+        converts = file_dtype != dtype or torch.device(device).type != "cpu"
+        scratch = i % 2 if converts and file_dtype is not None and file_dtype.is_floating_point else None
+        return src.get(names[key], scratch=scratch)
+
+    # A reader thread reads tensor i + 1 while this thread converts tensor i: file reads and dtype
+    # conversions both release the GIL, so the two overlap. Scratch buffer i % 2 alternates.
+    state, keys = {}, list(expected)
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(read, 0, keys[0]) if keys else None
+        for i, key in enumerate(keys):
+            tensor = pending.result()
+            if i + 1 < len(keys):
+                pending = reader.submit(read, i + 1, keys[i + 1])
+            target = dtype if tensor.is_floating_point() else tensor.dtype
+            state[key] = tensor.to(device=device, dtype=target)  # a new tensor whenever `tensor` is scratch
     model.load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers are not in any file and stay on `meta`; CLIP's position ids are the only
     # kind our models have, and they are just 0..L-1.
