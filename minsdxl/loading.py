@@ -84,10 +84,10 @@ SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch
 class TensorSource:
     """The tensors of one or more safetensors files, read one at a time on demand.
 
-    Each tensor's bytes are read with a plain positioned read into a fresh buffer, not through a
-    memory map: mapped file pages count in the process's resident memory, so reading a 5 GB file
-    through mmap while building a 5 GB model would double the peak. Here the peak is the model
-    plus one tensor."""
+    Each tensor's bytes are read with a plain positioned read into a buffer (a fresh one, or one of
+    two reused scratch buffers when the tensor is converted right away), not through a memory map:
+    mapped file pages count in the process's resident memory, so reading a 5 GB file through mmap
+    while building a 5 GB model would double the peak. Here the peak is the model plus two tensors."""
 
     def __init__(self, files: list[Path]):
         self.files, self.where, self.shapes, self.metadata, self.entries = files, {}, {}, {}, {}
