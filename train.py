@@ -557,7 +557,9 @@ def validation_images(unet, vae, text_encoders, tokenizers, args, device, weight
     for m in (vae, *text_encoders):
         m.to(device)
     models = Models(unet, vae, text_encoders, tokenizers)
-    unet.eval()
+    was_training = [(m, m.training) for m in (unet, *text_encoders)]
+    for m, _ in was_training:
+        m.eval()  # no LoRA dropout while generating
     images = []
     try:
         for seed in seeds:
@@ -567,7 +569,8 @@ def validation_images(unet, vae, text_encoders, tokenizers, args, device, weight
                                    dtype=weight_dtype, return_latents=True)
             images += decode(vae, latents, device)  # outside autocast: the VAE decodes in its own fp32
     finally:
-        unet.train()
+        for m, mode in was_training:
+            m.train(mode)
         for m, home in zip((vae, *text_encoders), homes):
             m.to(home)
         if device.type == "cuda":
