@@ -38,13 +38,11 @@ import lora
 from minsdxl.data import BucketBatchSampler, DataError, Dataset, drop_caption, make_demo_dataset, seeded_generator
 from minsdxl.generate import Models, compare_grid, decode, generate
 from minsdxl.loading import LATENT_SCALE, LoadError, encode_text, load_text_encoders, load_tokenizers, load_unet, load_vae
-from minsdxl.lora_files import LORA_TARGET_PRESETS, save_sdxl_lora
+from minsdxl.lora_files import LORA_TARGET_PRESETS, TEXT_ENCODER_TARGETS, save_sdxl_lora
 from minsdxl.schedule import NoiseSchedule
 from minsdxl.tiny import write_tiny_pipeline
 from minsdxl.train_state import CheckpointError, find_latest, load_checkpoint, restore_rng, save_checkpoint
 
-# diffusers' script puts text-encoder adapters on CLIP's attention projections.
-TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
 
 # Flags of diffusers' script that this version accepts but cannot honour yet: each answers with a

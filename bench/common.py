@@ -7,8 +7,11 @@ on CUDA it is `torch.cuda.max_memory_allocated`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import subprocess
+import sys
 import statistics
 import threading
 import time
@@ -109,3 +112,33 @@ def print_table(title: str, rows: list[tuple[str, float, float, str]]) -> None:
         show = fmt_bytes if unit == "bytes" else (lambda v: f"{v:.3f} s")
         ratio = ours / ref if ref else float("nan")
         print(f"{metric:<30}{show(ref):>14}{show(ours):>14}{ratio:>10.3f}")
+
+
+def device_name(device: torch.device | str) -> str:
+    """The GPU's name, or the CPU and its core count: every table says where it was measured."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+
+
+def run_child(script: str, *extra: str, drop: tuple[str, ...] = ()) -> dict:
+    """Run `script` again in a fresh process with this process's arguments (less `drop`) plus `extra`,
+    and return the JSON dict it prints last. CPU memory is measured this way: peak RSS is per process,
+    so each side gets its own and neither can hide the other's peak."""
+    cmd = [sys.executable, script, *extra] + [a for a in sys.argv[1:] if a not in drop]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def sdxl_text_encoder_configs(cross_attention_dim: int = 2048, pooled_dim: int = 1280):
+    """transformers configs of SDXL's two text encoders: for the base UNet (context 2048 = 768 + 1280)
+    CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 at full size; for a smaller UNet, 2-layer encoders whose
+    widths add up to its context width."""
+    from transformers import CLIPTextConfig
+    if cross_attention_dim == 2048:
+        return (CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                               projection_dim=768, hidden_act="quick_gelu"),
+                CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                               projection_dim=1280, hidden_act="gelu"))
+    w1, w2 = cross_attention_dim - pooled_dim, pooled_dim
+    return (CLIPTextConfig(hidden_size=w1, intermediate_size=2 * w1, num_hidden_layers=2, num_attention_heads=2, projection_dim=w1),
+            CLIPTextConfig(hidden_size=w2, intermediate_size=2 * w2, num_hidden_layers=2, num_attention_heads=2, projection_dim=w2))

@@ -17,14 +17,13 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import PeakMemory, print_table, random_init_, time_alternating  # noqa: E402
+from bench.common import PeakMemory, device_name, print_table, random_init_, run_child, sdxl_text_encoder_configs, time_alternating  # noqa: E402
 from minsdxl import UNet, UNetConfig  # noqa: E402
 from minsdxl.generate import Models, generate  # noqa: E402
 from minsdxl.loading import load_tokenizers  # noqa: E402
@@ -37,12 +36,9 @@ PROMPT, NEGATIVE, GUIDANCE, SEED = "a photo of a corgi on a beach", "blurry", 5.
 def base_pipeline(tokenizer_dir: str):
     """A full-size SDXL base pipeline with random weights (no download): real configs, tiny tokenizers."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                            projection_dim=768, hidden_act="quick_gelu")
-    clip_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                            projection_dim=1280, hidden_act="gelu")
+    clip_l, clip_g = sdxl_text_encoder_configs()
     with torch.device("meta"):  # the 2.6B UNet: no init work, random_init_ fills it below
         unet = UNet2DConditionModel(**UNetConfig.sdxl_base().to_diffusers_config())
     # The text encoders are built for real: their position-id buffers are not in random_init_'s reach.
@@ -97,12 +93,6 @@ def runners(args, pipe, models):
     return {"reference": reference, "ours": ours}
 
 
-def memory_in_subprocess(side: str) -> int:
-    cmd = [sys.executable, __file__, "--memory-only", side] + sys.argv[1:]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak"]
-
-
 def main(args):
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,12 +118,10 @@ def main(args):
         else:
             del pipe, models, run
             gc.collect()  # the pipeline holds reference cycles: free its 14 GB before the children load theirs
-            peaks = {side: memory_in_subprocess(side) for side in ("reference", "ours")}
+            peaks = {side: run_child(__file__, "--memory-only", side)["peak"] for side in ("reference", "ours")}
     rows.append(("peak memory above weights", peaks["reference"], peaks["ours"], "bytes"))
-    device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print_table(f"generation, {args.config}, {args.size}x{args.size}, {args.steps} Euler steps, CFG {GUIDANCE}, "
-                f"{args.dtype}, {args.repeats} repeats, {name}; max |latents ours - ref| = {latent_diff:.2e}", rows)
+                f"{args.dtype}, {args.repeats} repeats, {device_name(args.device)}; max |latents ours - ref| = {latent_diff:.2e}", rows)
 
 
 def parse_args(argv=None):

@@ -18,7 +18,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -27,20 +26,20 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora  # noqa: E402
-from bench.common import PeakMemory, print_table, time_alternating  # noqa: E402
+from bench.common import PeakMemory, device_name, print_table, run_child, sdxl_text_encoder_configs, time_alternating  # noqa: E402
 from bench.unet import DTYPES, build, make_inputs  # noqa: E402
 from minsdxl import UNetConfig  # noqa: E402
+from minsdxl.lora_files import LORA_TARGET_PRESETS, TEXT_ENCODER_TARGETS  # noqa: E402
 from minsdxl.schedule import NoiseSchedule  # noqa: E402
 
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' train_text_to_image_lora_sdxl.py
+TARGETS = LORA_TARGET_PRESETS["attn"]  # diffusers' train_text_to_image_lora_sdxl.py
 # --variants: our side alone with one technique changed from the baseline (rank 16 on TARGETS, checkpointing)
 VARIANTS = {
     "baseline": {},
     "no checkpointing": {"checkpointing": False},
     "rank 64": {"rank": 64},
     "DoRA": {"dora": True},
-    "LoCon (every layer, conv rank 16)": {"targets": ["transformer_blocks", "proj_in", "proj_out", "resnets",
-                                                      "attentions", "downsamplers", "upsamplers"], "conv_rank": 16},
+    "LoCon (every layer, conv rank 16)": {"targets": LORA_TARGET_PRESETS["all"], "conv_rank": 16},
     "EMA on the device": {"ema": True},
     "text encoders trained too (no text cache)": {"text_encoders": True},
 }
@@ -49,16 +48,8 @@ VARIANTS = {
 def text_encoders(cfg: UNetConfig, dtype, device) -> list:
     """SDXL's two text encoders (for the base config at full size: CLIP ViT-L and OpenCLIP ViT-bigG),
     random, frozen; train.py --train_text_encoder then puts LoRA on their q/k/v/out projections."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    if cfg.cross_attention_dim == 2048:
-        clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                                projection_dim=768, hidden_act="quick_gelu")
-        clip_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                                projection_dim=1280, hidden_act="gelu")
-    else:  # a small config: widths that add up to the UNet's context width
-        w1, w2 = cfg.cross_attention_dim - cfg.pooled_text_dim, cfg.pooled_text_dim
-        clip_l = CLIPTextConfig(hidden_size=w1, intermediate_size=2 * w1, num_hidden_layers=2, num_attention_heads=2, projection_dim=w1)
-        clip_g = CLIPTextConfig(hidden_size=w2, intermediate_size=2 * w2, num_hidden_layers=2, num_attention_heads=2, projection_dim=w2)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    clip_l, clip_g = sdxl_text_encoder_configs(cfg.cross_attention_dim, cfg.pooled_text_dim)
     return [m.to(device, dtype).requires_grad_(False) for m in (CLIPTextModel(clip_l), CLIPTextModelWithProjection(clip_g))]
 
 
@@ -124,16 +115,10 @@ def one_side(side: str, cfg: UNetConfig, args, weights=None, before_lora=None):
         before_lora()
     params = add_lora(side, model, args)
     for te in encoders or ():
-        lora.inject(te, ["q_proj", "k_proj", "v_proj", "out_proj"], rank=args.rank, alpha=args.rank, init="gaussian",
+        lora.inject(te, TEXT_ENCODER_TARGETS, rank=args.rank, alpha=args.rank, init="gaussian",
                     dtype=torch.float32)
         params += [p for p in te.parameters() if p.requires_grad]
     return model, step_fn(side, model, params, cfg, args, encoders), sum(p.numel() for p in params)
-
-
-def memory_in_subprocess(side: str) -> int:
-    cmd = [sys.executable, __file__, "--memory-only", side] + sys.argv[1:]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak"]
 
 
 def main(args):
@@ -160,11 +145,10 @@ def main(args):
     if args.variants:
         print(f"our LoRA step, UNet {args.config}, latents {args.latent}x{args.latent}, {args.dtype}; peak memory above "
               f"the frozen weights (adapters, gradients, AdamW state, activations), one step's time")
-        print(f"{'variant':<36}{'trainable':>14}{'peak memory':>14}{'seconds':>10}")
+        print(f"{'variant':<44}{'trainable':>14}{'peak memory':>14}{'seconds':>10}")
         for name in VARIANTS:
-            cmd = [sys.executable, __file__, "--variant-only", "--variant", name] + [a for a in sys.argv[1:] if a != "--variants"]
-            r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-            print(f"{name:<36}{r['params']:>14,}{r['peak'] / 2**20:>10,.0f} MiB{r['seconds']:>10.2f}", flush=True)
+            r = run_child(__file__, "--variant-only", "--variant", name, drop=("--variants",))
+            print(f"{name:<44}{r['params']:>14,}{r['peak'] / 2**20:>10,.0f} MiB{r['seconds']:>10.2f}", flush=True)
         return
 
     ref, ref_step, ref_n = one_side("reference", cfg, args)
@@ -195,12 +179,11 @@ def main(args):
     else:
         del ref, ref_step, ours, our_step, base_weights
         gc.collect()  # free the shared weights before the children load their own
-        peaks = {side: memory_in_subprocess(side) for side in ("reference", "ours")}
+        peaks = {side: run_child(__file__, "--memory-only", side)["peak"] for side in ("reference", "ours")}
         rows.append(("peak memory above weights", peaks["reference"], peaks["ours"], "bytes"))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print_table(f"LoRA training step, UNet {args.config}, batch {args.batch}, latents {args.latent}x{args.latent}, "
                 f"{args.dtype} weights + fp32 LoRA (rank {args.rank}, {our_n:,} params), checkpointing "
-                f"{'on' if args.checkpointing else 'off'}, {args.repeats} repeats, {name}", rows)
+                f"{'on' if args.checkpointing else 'off'}, {args.repeats} repeats, {device_name(device)}", rows)
 
 
 def parse_args(argv=None):

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import PeakMemory, print_table, random_init_, time_alternating  # noqa: E402
+from bench.common import PeakMemory, device_name, print_table, random_init_, run_child, time_alternating  # noqa: E402
 from minsdxl import UNet, UNetConfig  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -74,13 +73,6 @@ def step_fns(side: str, model, inputs):
     return forward, forward_backward
 
 
-def measure_memory_in_subprocess(side: str, args) -> int:
-    """Peak bytes of one forward+backward of one side, measured in a fresh process."""
-    cmd = [sys.executable, __file__, "--memory-only", side] + [a for a in sys.argv[1:] if a != "--memory-only"]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak"]
-
-
 def main(args):
     cfg = UNetConfig.sdxl_base() if args.config == "base" else UNetConfig.tiny()
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
@@ -115,12 +107,11 @@ def main(args):
             peaks[side] = mem.peak
     else:
         del ref, ours, ref_fwd, ref_fb, our_fwd, our_fb  # free the shared weights before the children run
-        peaks = {side: measure_memory_in_subprocess(side, args) for side in ("reference", "ours")}
+        peaks = {side: run_child(__file__, "--memory-only", side, drop=("--memory-only",))["peak"] for side in ("reference", "ours")}
     rows.append(("fwd+bwd peak memory above weights", peaks["reference"], peaks["ours"], "bytes"))
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     title = (f"UNet {args.config}, batch {args.batch}, latents {args.latent}x{args.latent}, {args.dtype}, "
-             f"checkpointing {'on' if args.checkpointing else 'off'}, {args.repeats} repeats, {name}")
+             f"checkpointing {'on' if args.checkpointing else 'off'}, {args.repeats} repeats, {device_name(device)}")
     print_table(title, rows)
 
 

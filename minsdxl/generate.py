@@ -12,6 +12,7 @@ conditioning (`force_zeros_for_empty_prompt` in its pipeline config), not as the
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,20 +37,18 @@ class Models:
     tokenizers: tuple
 
 
+@contextmanager
 def _on(module: torch.nn.Module, device, lowvram: bool):
     """With lowvram, move a stage to the device only while it is used (and back to the CPU after)."""
-    class Stage:
-        def __enter__(self):
-            if lowvram:
-                module.to(device)
-            return module
-
-        def __exit__(self, *exc):
-            if lowvram:
-                module.to("cpu")
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-    return Stage()
+    if lowvram:
+        module.to(device)
+    try:
+        yield module
+    finally:
+        if lowvram:
+            module.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 @torch.no_grad()

@@ -35,6 +35,8 @@ LORA_TARGET_PRESETS = {
     "attn_ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
     "all": ["transformer_blocks", "proj_in", "proj_out", "resnets", "attentions", "downsamplers", "upsamplers"],
 }
+# --train_text_encoder: adapters on CLIP's attention projections, as diffusers' script puts them.
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 PREFIXES = {  # component -> (kohya prefix, diffusers prefix)
     "unet": ("lora_unet_", "unet."),

@@ -24,9 +24,10 @@ import torch
 import lora
 
 from .config import UNetConfig
+from .lora_files import LORA_TARGET_PRESETS
 from .unet import BasicTransformerBlock, ResnetBlock2D, UNet
 
-ATTN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+ATTN_TARGETS = LORA_TARGET_PRESETS["attn"]  # train.py's default --lora_targets
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 4, "prodigy": 16}  # per fp32 trainable parameter
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -57,6 +58,14 @@ def _activation_bytes(unet: UNet, x, t, context, pooled, time_ids) -> tuple[int,
     """Run forward on meta; returns (bytes saved outside blocks, {block: bytes saved inside},
     block input bytes, largest attention matrix bytes, bytes of all attention matrices)."""
     params = {id(p) for p in unet.parameters()}
+    B, _, H, W = x.shape
+    heads = set(unet.config.num_heads)
+    tokens = {(H >> level) * (W >> level) for level in range(len(unet.config.block_out_channels))}  # L per level
+
+    def is_attention_matrix(t: torch.Tensor) -> bool:
+        """(B, heads, L, S) with L a level's token count and S = L (self) or the text length (cross)."""
+        return (t.dim() == 4 and t.shape[0] == B and t.shape[1] in heads and t.shape[2] in tokens
+                and t.shape[3] in (t.shape[2], context.shape[1]))
     seen: dict[int, torch.Tensor] = {}  # id -> tensor, kept alive so that ids stay unique
     inside: dict[int, int] = {}
     outside = [0]
@@ -70,8 +79,7 @@ def _activation_bytes(unet: UNet, x, t, context, pooled, time_ids) -> tuple[int,
             return tensor
         seen[id(tensor)] = tensor
         nbytes = tensor.numel() * tensor.element_size()
-        if tensor.dim() == 4 and tensor.shape[-1] in (context.shape[1], tensor.shape[-2]) and tensor.shape[-2] > 64 \
-                and tensor.shape[1] < 64:  # (B, heads, L, S): attention scores/probabilities
+        if is_attention_matrix(tensor):  # (B, heads, L, S) scores or probabilities
             attn[0] = max(attn[0], nbytes)
             attn[1] += nbytes
             return tensor
@@ -132,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args(argv)
+    if args.resolution % 64 or args.resolution < 64:
+        p.error(f"--resolution {args.resolution} must be a positive multiple of 64 (the VAE's 8 x the UNet's 2x downsamplings)")
     cfg = UNetConfig.sdxl_base() if args.config == "sdxl_base" else UNetConfig.tiny()
     budget = training_budget(cfg, args.resolution, args.batch, args.rank, checkpointing=args.checkpointing,
                              dtype=DTYPES[args.dtype], optimizer=args.optimizer)
