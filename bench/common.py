@@ -27,8 +27,27 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * PAGE
 
 
+def _reset_peak_rss() -> bool:
+    """Linux: make the kernel's peak-RSS counter (VmHWM) start again from the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 class PeakMemory:
-    """`with PeakMemory(device) as m: ...` then `m.peak` = peak bytes above the level at entry."""
+    """`with PeakMemory(device) as m: ...` then `m.peak` = peak bytes above the level at entry.
+
+    On the CPU the kernel's own high-water mark is read where it can be reset (Linux); elsewhere a
+    thread samples the RSS every millisecond, which costs the measured code a little time and can
+    miss a short peak."""
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
@@ -39,8 +58,10 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
-        else:
-            self._base = rss_bytes()
+            return self
+        self._base = rss_bytes()
+        self._kernel = _reset_peak_rss()
+        if not self._kernel:
             self._max = self._base
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -56,6 +77,8 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        elif self._kernel:
+            self.peak = max(_peak_rss(), rss_bytes()) - self._base
         else:
             self._stop.set()
             self._thread.join()

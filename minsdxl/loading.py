@@ -16,8 +16,11 @@ read: pickles (.ckpt, .bin, .pt) can run code when loaded and are refused.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
+import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -82,15 +85,17 @@ SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch
 
 
 class TensorSource:
-    """The tensors of one or more safetensors files, read one at a time on demand.
+    """The tensors of one or more safetensors files, read on demand through a read-only memory map.
 
-    Each tensor's bytes are read with a plain positioned read into a buffer (a fresh one, or one of
-    two reused scratch buffers when the tensor is converted right away), not through a memory map:
-    mapped file pages count in the process's resident memory, so reading a 5 GB file through mmap
-    while building a 5 GB model would double the peak. Here the peak is the model plus two tensors."""
+    Nothing is read up front: `load` converts a tensor straight from the mapped file pages (the page
+    cache, no intermediate copy) into its final dtype and device, then drops those pages from the
+    mapping. Mapped pages count in the process's resident memory, so without that drop reading a 5 GB
+    file while building a 5 GB model would double the peak; with it the peak is the model plus one
+    tensor's file bytes."""
 
     def __init__(self, files: list[Path]):
-        self.files, self.where, self.shapes, self.metadata, self.entries = files, {}, {}, {}, {}
+        self.files, self.where, self.shapes, self.metadata, self.entries, self._maps = files, {}, {}, {}, {}, {}
+        self._staging = threading.local()  # one fp32 chunk buffer per loading thread (see _convert_into)
         for f in files:
             header, meta = read_header(f)
             self.metadata.update(meta)
@@ -102,25 +107,84 @@ class TensorSource:
                 self.where[name], self.shapes[name] = f, tuple(shape)
                 self.entries[name] = (dtype, data_start + start, end - start)
 
-    def get(self, name: str, scratch: int | None = None) -> torch.Tensor:
-        """The tensor `name`. With scratch=k it lives in reusable buffer k (0 or 1), valid until the next
-        read into that buffer: for a tensor that is converted right away, this saves allocating (and
-        page-faulting) it, and two buffers let one tensor be read while the other is converted."""
+    def _view(self, name: str) -> torch.Tensor:
+        """The tensor `name` as a view of the mapped file: no copy, valid while this source lives."""
         dtype, offset, size = self.entries[name]
         if dtype not in SAFETENSORS_DTYPES:
             raise LoadError(f"{self.where[name]}: tensor '{name}' has dtype {dtype}, which minsdxl cannot read")
-        if scratch is not None:
-            buffers = self.__dict__.setdefault("_scratch", [None, None])
-            if buffers[scratch] is None or buffers[scratch].numel() < size:
-                buffers[scratch] = torch.empty(max(size, 64 * 2**20), dtype=torch.uint8)
-            buf = buffers[scratch][:size]
+        torch_dtype = SAFETENSORS_DTYPES[dtype]
+        if size == 0:
+            return torch.empty(self.shapes[name], dtype=torch_dtype)
+        path = self.where[name]
+        if path not in self._maps:
+            with open(path, "rb") as fh:
+                self._maps[path] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        with warnings.catch_warnings():  # "non-writable buffer": we only ever read from it
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(self._maps[path], dtype=torch.uint8, offset=offset, count=size)
+        return flat.view(torch_dtype).view(self.shapes[name])
+
+    def _release(self, name: str) -> None:
+        """Drop the file pages of `name` from this process's mapping (they stay in the page cache)."""
+        _, offset, size = self.entries[name]
+        first, last = offset // mmap.PAGESIZE * mmap.PAGESIZE, -(-(offset + size) // mmap.PAGESIZE) * mmap.PAGESIZE
+        if size and hasattr(mmap, "MADV_DONTNEED"):
+            self._maps[self.where[name]].madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor `name`, in its file dtype, as a tensor of its own."""
+        out = self._view(name).clone()
+        self._release(name)
+        return out
+
+    def load(self, name: str, dtype: torch.dtype, device) -> torch.Tensor:
+        """The tensor `name` converted to `dtype` (floating point tensors only) on `device`, in one pass."""
+        src = self._view(name)
+        target = dtype if src.is_floating_point() else src.dtype
+        if torch.device(device).type != "cpu":
+            out = src.to(device).to(target)  # convert on the device: fewer bytes cross the bus
         else:
-            buf = torch.empty(size, dtype=torch.uint8)  # uninitialised: the read fills it
-        with open(self.where[name], "rb", buffering=0) as fh:
-            fh.seek(offset)
-            if size and fh.readinto(memoryview(buf.numpy())) != size:
-                raise LoadError(f"{self.where[name]}: could not read tensor '{name}' (file changed or truncated)")
-        return buf.view(SAFETENSORS_DTYPES[dtype]).view(self.shapes[name])
+            if not hasattr(self._staging, "buf"):
+                self._staging.buf = torch.empty(CHUNK, dtype=torch.float32)
+            out = torch.empty(src.shape, dtype=target)
+            _convert_into(out.view(-1), src.view(-1), self._staging.buf)
+        self._release(name)
+        return out
+
+
+CHUNK = 2**18  # values per staging chunk: 1 MiB of fp32, stays in the L2 cache
+
+
+def _convert_into(dst: torch.Tensor, src: torch.Tensor, staging: torch.Tensor) -> None:
+    """dst.copy_(src) for flat tensors. PyTorch's CPU fp16 -> bf16 cast is element by element (about
+    2.5x slower than its vectorised fp16 -> fp32 and fp32 -> bf16 casts), so that one pair goes
+    through a small fp32 buffer, chunk by chunk."""
+    if not (src.dtype == torch.float16 and dst.dtype == torch.bfloat16) or src.numel() <= CHUNK:
+        dst.copy_(src)
+        return
+    for i in range(0, src.numel(), CHUNK):
+        n = min(CHUNK, src.numel() - i)
+        staging[:n].copy_(src[i:i + n])
+        dst[i:i + n].copy_(staging[:n])
+
+
+def _load_all(src: TensorSource, names: dict[str, str], dtype, device) -> dict[str, torch.Tensor]:
+    """{model key: src.load(file key)} for every entry of `names`, one tensor per thread at a time.
+
+    Most of a CPU load is the kernel handing out fresh pages for the new weights, one page fault per
+    4 KiB; the dtype conversion is the rest. One Python thread per core, each converting whole tensors
+    with PyTorch's intra-op parallelism set to 1 meanwhile, keeps every core busy with both; one thread
+    with parallel copies spends much of its time in fork/join waits between the small chunks."""
+    threads = torch.get_num_threads()
+    if threads == 1 or torch.device(device).type != "cpu":
+        return {k: src.load(v, dtype, device) for k, v in names.items()}
+    torch.set_num_threads(1)  # new threads take this setting; the caller's is restored below
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            loaded = pool.map(lambda file_key: src.load(file_key, dtype, device), names.values())
+            return dict(zip(names, loaded))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _materialize(model: torch.nn.Module, names: dict[str, str], src: TensorSource, dtype, device, where: str,
@@ -136,25 +200,10 @@ def _materialize(model: torch.nn.Module, names: dict[str, str], src: TensorSourc
     wrong = [f"{names[k]}: file {shapes[k]} vs model {expected[k]}" for k in expected if shapes and shapes[k] != expected[k]]
     if wrong:
         raise LoadError(f"{where}: {len(wrong)} tensors have the wrong shape (first ten: {wrong[:10]})")
-    def read(i: int, key: str) -> torch.Tensor:
-        if transform is not None:
-            return transform[key]
-        file_dtype = SAFETENSORS_DTYPES.get(src.entries[names[key]][0])
-        converts = file_dtype != dtype or torch.device(device).type != "cpu"
-        scratch = i % 2 if converts and file_dtype is not None and file_dtype.is_floating_point else None
-        return src.get(names[key], scratch=scratch)
-
-    # A reader thread reads tensor i + 1 while this thread converts tensor i: file reads and dtype
-    # conversions both release the GIL, so the two overlap. Scratch buffer i % 2 alternates.
-    state, keys = {}, list(expected)
-    with ThreadPoolExecutor(max_workers=1) as reader:
-        pending = reader.submit(read, 0, keys[0]) if keys else None
-        for i, key in enumerate(keys):
-            tensor = pending.result()
-            if i + 1 < len(keys):
-                pending = reader.submit(read, i + 1, keys[i + 1])
-            target = dtype if tensor.is_floating_point() else tensor.dtype
-            state[key] = tensor.to(device=device, dtype=target)  # a new tensor whenever `tensor` is scratch
+    if transform is not None:
+        state = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for k, t in transform.items()}
+    else:
+        state = _load_all(src, {k: names[k] for k in expected}, dtype, device)
     model.load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers are not in any file and stay on `meta`; CLIP's position ids are the only
     # kind our models have, and they are just 0..L-1.

@@ -236,3 +236,27 @@ def test_missing_unexpected_and_misshapen_keys(tiny, tmp_path):
     save_file(broken, str(folder / "diffusion_pytorch_model.safetensors"))
     with pytest.raises(LoadError, match=r"1 tensors have the wrong shape.*conv_out.bias: file \(5,\) vs model \(4,\)"):
         load_unet(folder)
+
+
+@pytest.mark.parametrize("src_dtype,dst_dtype", [(torch.float16, torch.bfloat16), (torch.float16, torch.float32),
+                                                 (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_load_converts_exactly_like_torch(tmp_path, src_dtype, dst_dtype):
+    # A tensor longer than the staging chunk, with a ragged tail, plus values that round differently
+    # (subnormals, the fp16 maximum, infinities, signed zeros).
+    from minsdxl.loading import CHUNK, TensorSource
+    g = torch.Generator().manual_seed(0)
+    big = (torch.randn(CHUNK * 2 + 123, generator=g) * 10).to(src_dtype)
+    special = torch.tensor([0.0, -0.0, 6e-8, -6e-5, 65504.0, float("inf"), -float("inf"), 1 / 3]).to(src_dtype)
+    save_file({"big": big, "special": special, "empty": torch.empty(0, 3, dtype=src_dtype),
+               "ints": torch.arange(5)}, str(tmp_path / "t.safetensors"))
+    src = TensorSource([tmp_path / "t.safetensors"])
+    for name, ref in (("big", big), ("special", special)):
+        out = src.load(name, dst_dtype, "cpu")
+        assert out.dtype == dst_dtype and out.shape == ref.shape
+        assert torch.equal(out.view(-1), ref.view(-1).to(dst_dtype)), name
+        assert torch.equal(torch.signbit(out), torch.signbit(ref.to(dst_dtype)))
+    assert src.load("empty", dst_dtype, "cpu").shape == (0, 3)
+    assert src.load("ints", dst_dtype, "cpu").dtype == torch.int64  # only floating point tensors change dtype
+    owned = src.get("big")
+    del src  # the copies own their memory: nothing refers to the closed file
+    assert torch.equal(owned.view(-1), big.view(-1))
