@@ -22,6 +22,7 @@ import struct
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,11 +43,23 @@ class LoadError(ValueError):
 
 # --- safetensors files --------------------------------------------------------------------------
 
-def read_header(path: Path) -> tuple[dict[str, tuple[str, list[int]]], dict[str, str]]:
-    """({name: (dtype, shape)}, metadata) from a safetensors header, with a clear error for bad files.
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+SAFETENSORS_ITEMSIZE = {k: v.itemsize for k, v in SAFETENSORS_DTYPES.items()}
 
-    The format: 8 bytes little-endian header length N, N bytes of JSON, then the raw tensor data."""
-    path = Path(path)
+
+def read_header(path: Path) -> tuple[dict[str, tuple[str, list[int]]], dict[str, str]]:
+    """({name: (dtype, shape)}, metadata) from a safetensors header, with a clear error for bad files."""
+    header, metadata, _ = _read_header(Path(path))
+    return {k: (v["dtype"], v["shape"]) for k, v in header.items()}, metadata
+
+
+def _read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
+    """(header {name: {dtype, shape, data_offsets}}, metadata, offset of the data) of a safetensors file.
+
+    The format: 8 bytes little-endian header length N, N bytes of JSON, then the raw tensor data;
+    each tensor's data_offsets count from the end of the JSON."""
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise LoadError(f"{path}: a pickle checkpoint ({path.suffix}). minsdxl loads only .safetensors, because "
                         f"unpickling can run arbitrary code. Convert it once, in an environment you trust, with "
@@ -67,21 +80,33 @@ def read_header(path: Path) -> tuple[dict[str, tuple[str, list[int]]], dict[str,
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise LoadError(f"{path}: not a safetensors file (the header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise LoadError(f"{path}: not a safetensors file (the header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    for name, entry in header.items():
+        try:
+            start, end = entry["data_offsets"]
+            numel = 1
+            for d in entry["shape"]:
+                numel *= int(d)
+            itemsize = SAFETENSORS_ITEMSIZE.get(entry["dtype"])
+            ok = 0 <= start <= end and (itemsize is None or end - start == numel * itemsize)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise LoadError(f"{path}: corrupted header: the entry for tensor '{name}' is inconsistent ({entry}); "
+                            f"fetch the file again")
     data_size = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + data_size > size:
         raise LoadError(f"{path}: truncated: the header describes {8 + n + data_size:,} bytes but the file has "
                         f"{size:,}. The download or copy was interrupted; fetch the file again.")
-    return {k: (v["dtype"], v["shape"]) for k, v in header.items()}, metadata
+    return header, metadata, 8 + n
 
 
 def _metadata_config(metadata: dict, component: str) -> dict | None:
     return json.loads(metadata[CONFIG_METADATA_KEY]).get(component) if CONFIG_METADATA_KEY in metadata else None
 
 
-SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
 
 
 class TensorSource:
@@ -97,15 +122,12 @@ class TensorSource:
         self.files, self.where, self.shapes, self.metadata, self.entries, self._maps = files, {}, {}, {}, {}, {}
         self._staging = threading.local()  # one fp32 chunk buffer per loading thread (see _convert_into)
         for f in files:
-            header, meta = read_header(f)
+            header, meta, data_start = _read_header(Path(f))
             self.metadata.update(meta)
-            with open(f, "rb") as fh:  # read_header checked it; now the byte offsets
-                n = struct.unpack("<Q", fh.read(8))[0]
-                raw, data_start = json.loads(fh.read(n)), 8 + n
-            for name, (dtype, shape) in header.items():
-                start, end = raw[name]["data_offsets"]
-                self.where[name], self.shapes[name] = f, tuple(shape)
-                self.entries[name] = (dtype, data_start + start, end - start)
+            for name, entry in header.items():
+                start, end = entry["data_offsets"]
+                self.where[name], self.shapes[name] = f, tuple(entry["shape"])
+                self.entries[name] = (entry["dtype"], data_start + start, end - start)
 
     def _view(self, name: str) -> torch.Tensor:
         """The tensor `name` as a view of the mapped file: no copy, valid while this source lives."""
@@ -185,6 +207,28 @@ def _load_all(src: TensorSource, names: dict[str, str], dtype, device) -> dict[s
             return dict(zip(names, loaded))
     finally:
         torch.set_num_threads(threads)
+
+
+INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "zeros_", "ones_",
+                  "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+@contextmanager
+def _on_meta_without_init():
+    """Build modules on the `meta` device, skipping their random initialisation.
+
+    On `meta` the init writes nothing, yet each call still goes through the meta dispatch: about
+    0.25 s for the full UNet's 1,168 init calls, a tenth of loading it. While building, torch.nn.init's
+    functions are no-ops; the weights come from the file."""
+    saved = {name: getattr(torch.nn.init, name) for name in INIT_FUNCTIONS}
+    try:
+        for name in INIT_FUNCTIONS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def _materialize(model: torch.nn.Module, names: dict[str, str], src: TensorSource, dtype, device, where: str,
@@ -325,7 +369,7 @@ def load_unet(source: str | os.PathLike, dtype: torch.dtype = torch.float32, dev
     except (ConfigError, convert.ConversionError) as e:
         raise LoadError(f"{where}: not an SDXL base UNet: {e}") from None
     _check_sdxl_base(cfg, where)
-    with torch.device("meta"):
+    with _on_meta_without_init():
         model = UNet(cfg)
     return _materialize(model, names, src, dtype, device, where).eval().requires_grad_(False)
 

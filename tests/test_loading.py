@@ -196,6 +196,18 @@ def test_bad_files_name_the_file_and_the_problem(tiny, tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(LoadError, match="cut.safetensors: truncated"):
         load_unet(cut)
+    # A header whose entry disagrees with itself (bytes vs shape x dtype), and one that is not an object.
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["shape"] = [header[name]["shape"][0] + 1] + header[name]["shape"][1:]
+    for label, text in (("inconsistent", json.dumps(header)), ("list", "[1, 2, 3]")):
+        bad = tmp_path / f"{label}.safetensors"
+        body = text.encode().ljust(n if label == "list" else len(text.encode()))
+        bad.write_bytes(len(body).to_bytes(8, "little") + body + data[8 + n:])
+        with pytest.raises(LoadError, match=f"{label}.safetensors: " + ("corrupted header.*" + name.replace(".", r"\.")
+                                                                        if label == "inconsistent" else "not a safetensors")):
+            load_unet(bad)
     for suffix in (".ckpt", ".bin", ".pt"):
         pickle = tmp_path / f"model{suffix}"
         pickle.write_bytes(b"PK")
