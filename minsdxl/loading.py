@@ -7,20 +7,18 @@ Sources `load_unet` accepts:
      `diffusion_pytorch_model.safetensors.index.json`; `config.json` beside it is read);
   3. a diffusers pipeline folder (its `unet/`);
   4. a Hub repo id (only the needed files are fetched; `HF_HUB_OFFLINE=1` and the cache are honoured).
-The model is built on the `meta` device and each tensor is read from the memory-mapped file and
+The model is built on the `meta` device and each tensor is read from the file in small chunks and
 converted to the target dtype and device as it is assigned, so loading fp16 weights to bf16 never
-holds more than the bf16 model plus one tensor, and never an fp32 copy. Only safetensors files are
+holds more than the bf16 model plus a few MiB, and never an fp32 copy. Only safetensors files are
 read: pickles (.ckpt, .bin, .pt) can run code when loaded and are refused.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -110,17 +108,18 @@ def _metadata_config(metadata: dict, component: str) -> dict | None:
 
 
 class TensorSource:
-    """The tensors of one or more safetensors files, read on demand through a read-only memory map.
+    """The tensors of one or more safetensors files, read on demand with positioned reads.
 
-    Nothing is read up front: `load` converts a tensor straight from the mapped file pages (the page
-    cache, no intermediate copy) into its final dtype and device, then drops those pages from the
-    mapping. Mapped pages count in the process's resident memory, so without that drop reading a 5 GB
-    file while building a 5 GB model would double the peak; with it the peak is the model plus one
-    tensor's file bytes."""
+    Nothing is read up front. `load` reads a tensor's bytes from the file (the page cache, once the
+    file has been read before) chunk by chunk into a small per-thread buffer and converts each chunk
+    into the tensor's final dtype, so loading fp16 weights to bf16 holds the bf16 model and two
+    chunks, never a second copy of the file. Several threads may call `load` at once."""
 
     def __init__(self, files: list[Path]):
-        self.files, self.where, self.shapes, self.metadata, self.entries, self._maps = files, {}, {}, {}, {}, {}
-        self._staging = threading.local()  # one fp32 chunk buffer per loading thread (see _convert_into)
+        self._fds: dict[Path, int] = {}  # opened on first read, closed by close()
+        self._lock = threading.Lock()
+        self._buffers = threading.local()  # each thread's read chunk and fp32 staging chunk
+        self.files, self.where, self.shapes, self.metadata, self.entries = files, {}, {}, {}, {}
         for f in files:
             header, meta, data_start = _read_header(Path(f))
             self.metadata.update(meta)
@@ -129,65 +128,83 @@ class TensorSource:
                 self.where[name], self.shapes[name] = f, tuple(entry["shape"])
                 self.entries[name] = (entry["dtype"], data_start + start, end - start)
 
-    def _view(self, name: str) -> torch.Tensor:
-        """The tensor `name` as a view of the mapped file: no copy, valid while this source lives."""
-        dtype, offset, size = self.entries[name]
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        self.close()
+
+    def _dtype(self, name: str) -> torch.dtype:
+        dtype = self.entries[name][0]
         if dtype not in SAFETENSORS_DTYPES:
             raise LoadError(f"{self.where[name]}: tensor '{name}' has dtype {dtype}, which minsdxl cannot read")
-        torch_dtype = SAFETENSORS_DTYPES[dtype]
-        if size == 0:
-            return torch.empty(self.shapes[name], dtype=torch_dtype)
-        path = self.where[name]
-        if path not in self._maps:
-            with open(path, "rb") as fh:
-                self._maps[path] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        with warnings.catch_warnings():  # "non-writable buffer": we only ever read from it
-            warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(self._maps[path], dtype=torch.uint8, offset=offset, count=size)
-        return flat.view(torch_dtype).view(self.shapes[name])
+        return SAFETENSORS_DTYPES[dtype]
 
-    def _release(self, name: str) -> None:
-        """Drop the file pages of `name` from this process's mapping (they stay in the page cache)."""
-        _, offset, size = self.entries[name]
-        first, last = offset // mmap.PAGESIZE * mmap.PAGESIZE, -(-(offset + size) // mmap.PAGESIZE) * mmap.PAGESIZE
-        if size and hasattr(mmap, "MADV_DONTNEED"):
-            self._maps[self.where[name]].madvise(mmap.MADV_DONTNEED, first, last - first)
+    def _read_into(self, name: str, start: int, out: torch.Tensor) -> None:
+        """Fill the contiguous CPU tensor `out` with the bytes of `name` from byte `start` on."""
+        path, offset = self.where[name], self.entries[name][1] + start
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            fd = self._fds[path]
+        done = 0
+        while done < len(view):
+            if hasattr(os, "preadv"):  # positioned: threads share the file descriptor
+                n = os.preadv(fd, [view[done:]], offset + done)
+            else:
+                with self._lock:
+                    os.lseek(fd, offset + done, os.SEEK_SET)
+                    n = os.readv(fd, [view[done:]])
+            if n <= 0:
+                raise LoadError(f"{path}: could not read tensor '{name}': the file ends early (was it changed "
+                                f"or truncated while loading?)")
+            done += n
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor `name`, in its file dtype, as a tensor of its own."""
-        out = self._view(name).clone()
-        self._release(name)
+        out = torch.empty(self.shapes[name], dtype=self._dtype(name))
+        if out.numel():
+            self._read_into(name, 0, out)
         return out
 
     def load(self, name: str, dtype: torch.dtype, device) -> torch.Tensor:
-        """The tensor `name` converted to `dtype` (floating point tensors only) on `device`, in one pass."""
-        src = self._view(name)
-        target = dtype if src.is_floating_point() else src.dtype
+        """The tensor `name` converted to `dtype` (floating point tensors only) on `device`."""
+        file_dtype = self._dtype(name)
+        target = dtype if file_dtype.is_floating_point else file_dtype
         if torch.device(device).type != "cpu":
-            out = src.to(device).to(target)  # convert on the device: fewer bytes cross the bus
-        else:
-            if not hasattr(self._staging, "buf"):
-                self._staging.buf = torch.empty(CHUNK, dtype=torch.float32)
-            out = torch.empty(src.shape, dtype=target)
-            _convert_into(out.view(-1), src.view(-1), self._staging.buf)
-        self._release(name)
+            return self.get(name).to(device).to(target)  # convert on the device: fewer bytes cross the bus
+        out = torch.empty(self.shapes[name], dtype=target)
+        if out.numel() == 0:
+            return out
+        if target == file_dtype:
+            self._read_into(name, 0, out)
+            return out
+        b = self._buffers
+        if not hasattr(b, "raw"):
+            b.raw, b.staging = torch.empty(CHUNK * 8, dtype=torch.uint8), torch.empty(CHUNK, dtype=torch.float32)
+        flat, size = out.view(-1), file_dtype.itemsize
+        for i in range(0, flat.numel(), CHUNK):
+            n = min(CHUNK, flat.numel() - i)
+            chunk = b.raw[: n * size].view(file_dtype)
+            self._read_into(name, i * size, chunk)
+            _convert_into(flat[i:i + n], chunk, b.staging[:n])
         return out
 
 
-CHUNK = 2**18  # values per staging chunk: 1 MiB of fp32, stays in the L2 cache
+CHUNK = 2**18  # values per chunk: 1 MiB of fp32, which stays in the L2 cache
 
 
 def _convert_into(dst: torch.Tensor, src: torch.Tensor, staging: torch.Tensor) -> None:
-    """dst.copy_(src) for flat tensors. PyTorch's CPU fp16 -> bf16 cast is element by element (about
-    2.5x slower than its vectorised fp16 -> fp32 and fp32 -> bf16 casts), so that one pair goes
-    through a small fp32 buffer, chunk by chunk."""
-    if not (src.dtype == torch.float16 and dst.dtype == torch.bfloat16) or src.numel() <= CHUNK:
+    """dst.copy_(src). PyTorch's CPU fp16 -> bf16 cast goes element by element (about 2.5x slower
+    than its vectorised fp16 -> fp32 and fp32 -> bf16 casts), so that pair goes through `staging`."""
+    if src.dtype == torch.float16 and dst.dtype == torch.bfloat16:
+        staging.copy_(src)
+        dst.copy_(staging)
+    else:
         dst.copy_(src)
-        return
-    for i in range(0, src.numel(), CHUNK):
-        n = min(CHUNK, src.numel() - i)
-        staging[:n].copy_(src[i:i + n])
-        dst[i:i + n].copy_(staging[:n])
 
 
 def _load_all(src: TensorSource, names: dict[str, str], dtype, device) -> dict[str, torch.Tensor]:

@@ -272,3 +272,15 @@ def test_load_converts_exactly_like_torch(tmp_path, src_dtype, dst_dtype):
     owned = src.get("big")
     del src  # the copies own their memory: nothing refers to the closed file
     assert torch.equal(owned.view(-1), big.view(-1))
+
+
+def test_a_file_cut_while_loading_names_the_tensor(tmp_path):
+    from minsdxl.loading import TensorSource
+    path = tmp_path / "t.safetensors"
+    save_file({"a": torch.ones(1000, dtype=torch.float16), "b": torch.ones(10)}, str(path))
+    src = TensorSource([path])  # the header is read and checked here
+    offset, size = src.entries["a"][1:]
+    with open(path, "r+b") as f:
+        f.truncate(offset + size // 2)
+    with pytest.raises(LoadError, match=r"t\.safetensors: could not read tensor 'a': the file ends early"):
+        src.load("a", torch.bfloat16, "cpu")
