@@ -4,7 +4,9 @@ Writes (once, cached under bench/cache/) a random checkpoint of the chosen confi
 single-file layout (SGM names, fp16, as the official release) and as a diffusers UNet folder (fp16),
 then loads each to `--dtype` with ours and with diffusers' `UNet2DConditionModel.from_single_file`
 / `from_pretrained`, each load in a fresh subprocess (so the page cache is warm for both but no
-Python state is shared), alternating, and reports wall time and peak RSS growth as ratios.
+Python state is shared), alternating, with a pause before each so that neither runs while the
+system is still reclaiming the memory the previous one freed, and reports wall time and peak RSS
+growth (the kernel's high-water mark) as ratios.
 
     python bench/load.py --config base --dtype bf16 --repeats 2
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -74,6 +77,9 @@ def main() -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--cache", default=str(ROOT / "bench/cache"))
+    p.add_argument("--settle", type=float, default=5.0,
+                   help="seconds to wait before each load: the memory the previous load freed is handed back to a "
+                        "VM's host in the background, which takes CPU time from whichever load runs next")
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -86,6 +92,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for layout in ("single", "folder"):
             for side in ("reference", "ours"):
+                time.sleep(args.settle)
                 out = subprocess.run([sys.executable, __file__, "--dtype", args.dtype, "--child", side, layout, str(single), str(folder)],
                                      capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
                 if out.returncode:
@@ -99,6 +106,10 @@ def main() -> None:
         rows.append((f"{label}: peak RSS", max(r["peak_rss"] for r in ref), max(r["peak_rss"] for r in ours), "bytes"))
     model_bytes = results[("ours", "single")][0]["model_bytes"]
     print_table(f"UNet {args.config} loaded to {args.dtype}, best of {args.repeats} (time) / worst (memory), CPU", rows)
+    for layout in ("single", "folder"):
+        ref, ours = (sorted(r["seconds"] for r in results[(side, layout)]) for side in ("reference", "ours"))
+        print(f"{layout}: every time, reference {', '.join(f'{t:.2f}' for t in ref)} s; ours {', '.join(f'{t:.2f}' for t in ours)} s; "
+              f"median ratio {statistics.median(ours) / statistics.median(ref):.3f}")
     worst = max(r["peak_rss"] for (side, _), rs in results.items() if side == "ours" for r in rs)
     print(f"ours: peak RSS / model bytes = {worst / model_bytes:.3f} (model {model_bytes / 2**30:.2f} GiB)")
 
