@@ -3,8 +3,8 @@
 Writes (once, cached under bench/cache/) a random checkpoint of the chosen config in Stability's
 single-file layout (SGM names, fp16, as the official release) and as a diffusers UNet folder (fp16),
 then loads each to `--dtype` with ours and with diffusers' `UNet2DConditionModel.from_single_file`
-/ `from_pretrained`, each load in a fresh subprocess (so the page cache is warm for both but no
-Python state is shared), alternating, with a pause before each so that neither runs while the
+/ `from_pretrained`, each load in a fresh subprocess (the file is read through first, so the page
+cache is warm for both, and no Python state is shared), alternating, with a pause before each so that neither runs while the
 system is still reclaiming the memory the previous one freed, and reports wall time and peak RSS
 growth (the kernel's high-water mark) as ratios.
 
@@ -46,6 +46,15 @@ def write_checkpoints(config: str, cache: Path) -> tuple[Path, Path]:
     save_file(sd, str(folder / "unet/diffusion_pytorch_model.safetensors"))
     save_file({convert.SGM_UNET_PREFIX + k: v for k, v in convert.unet_diffusers_to_sgm(sd).items()}, str(single))
     return single, folder
+
+
+def read_through(path: Path) -> None:
+    """Read the file once so that it is in the page cache: the other layout's file and the previous
+    load's 10 GB can push part of it out on a 24 GB machine, and a load from disk is not what we time."""
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(16 * 2**20)
+        while f.readinto(buf):
+            pass
 
 
 def child(side: str, layout: str, path: str, folder: str, dtype: str) -> None:
@@ -92,6 +101,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for layout in ("single", "folder"):
             for side in ("reference", "ours"):
+                read_through(single if layout == "single" else folder / "unet/diffusion_pytorch_model.safetensors")
                 time.sleep(args.settle)
                 out = subprocess.run([sys.executable, __file__, "--dtype", args.dtype, "--child", side, layout, str(single), str(folder)],
                                      capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

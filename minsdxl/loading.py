@@ -15,6 +15,7 @@ read: pickles (.ckpt, .bin, .pt) can run code when loaded and are refused.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import struct
@@ -226,6 +227,20 @@ def _load_all(src: TensorSource, names: dict[str, str], dtype, device) -> dict[s
         torch.set_num_threads(threads)
 
 
+@contextmanager
+def _gc_paused():
+    """No cyclic garbage collection meanwhile. Building a model creates thousands of objects, which
+    sets off full collections over everything the process holds (with diffusers imported, 335K
+    objects): 0.17 s of a 2.3 s UNet load. Nothing built here is cyclic garbage."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "zeros_", "ones_",
                   "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
 
@@ -386,9 +401,10 @@ def load_unet(source: str | os.PathLike, dtype: torch.dtype = torch.float32, dev
     except (ConfigError, convert.ConversionError) as e:
         raise LoadError(f"{where}: not an SDXL base UNet: {e}") from None
     _check_sdxl_base(cfg, where)
-    with _on_meta_without_init():
-        model = UNet(cfg)
-    return _materialize(model, names, src, dtype, device, where).eval().requires_grad_(False)
+    with _gc_paused():
+        with _on_meta_without_init():
+            model = UNet(cfg)
+        return _materialize(model, names, src, dtype, device, where).eval().requires_grad_(False)
 
 
 class _Shape:
