@@ -3,12 +3,12 @@
 Writes (once, cached under bench/cache/) a random checkpoint of the chosen config in Stability's
 single-file layout (SGM names, fp16, as the official release) and as a diffusers UNet folder (fp16),
 then loads each to `--dtype` with ours and with diffusers' `UNet2DConditionModel.from_single_file`
-/ `from_pretrained`, each load in a fresh subprocess (the file is read through first, so the page
-cache is warm for both, and no Python state is shared), alternating, with a pause before each so that neither runs while the
-system is still reclaiming the memory the previous one freed, and reports wall time and peak RSS
-growth (the kernel's high-water mark) as ratios.
+/ `from_pretrained`, each load in a fresh subprocess (no Python state is shared), alternating. Before
+each load the file is read through (the page cache is warm for both sides) and the bench pauses
+`--settle` seconds (neither side runs while the system still reclaims what the previous one freed).
+Reports wall time and peak RSS growth (the kernel's high-water mark) as ratios.
 
-    python bench/load.py --config base --dtype bf16 --repeats 2
+    python bench/load.py --config base --dtype bf16 --repeats 5
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ read: pickles (.ckpt, .bin, .pt) can run code when loaded and are refused.
 from __future__ import annotations
 
 import gc
+import io
 import json
 import os
 import struct
@@ -115,7 +116,7 @@ class TensorSource:
     MiB per thread, never a second copy of the file. Several threads may call `load` at once."""
 
     def __init__(self, files: list[Path]):
-        self._fds: dict[Path, int] = {}  # opened on first read, closed by close()
+        self._open: dict[Path, io.FileIO] = {}  # opened on first read; closed when this source is freed
         self._lock = threading.Lock()
         self._buffers = threading.local()  # each thread's read chunk and fp32 staging chunk
         self.files, self.where, self.shapes, self.metadata, self.entries = files, {}, {}, {}, {}
@@ -126,14 +127,6 @@ class TensorSource:
                 start, end = entry["data_offsets"]
                 self.where[name], self.shapes[name] = f, tuple(entry["shape"])
                 self.entries[name] = (entry["dtype"], data_start + start, end - start)
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def __del__(self):
-        self.close()
 
     def _dtype(self, name: str) -> torch.dtype:
         dtype = self.entries[name][0]
@@ -146,18 +139,18 @@ class TensorSource:
         path, offset = self.where[name], self.entries[name][1] + start
         view = memoryview(out.view(-1).view(torch.uint8).numpy())
         with self._lock:
-            if path not in self._fds:
-                self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-            fd = self._fds[path]
+            if path not in self._open:
+                self._open[path] = open(path, "rb", buffering=0)
+            f = self._open[path]
         done = 0
         while done < len(view):
-            if hasattr(os, "preadv"):  # positioned: threads share the file descriptor
-                n = os.preadv(fd, [view[done:]], offset + done)
-            else:
+            if hasattr(os, "preadv"):  # a positioned read: the threads share the file without a lock
+                n = os.preadv(f.fileno(), [view[done:]], offset + done)
+            else:  # Windows: seek, then read, one thread at a time
                 with self._lock:
-                    os.lseek(fd, offset + done, os.SEEK_SET)
-                    n = os.readv(fd, [view[done:]])
-            if n <= 0:
+                    f.seek(offset + done)
+                    n = f.readinto(view[done:])
+            if not n:
                 raise LoadError(f"{path}: could not read tensor '{name}': the file ends early (was it changed "
                                 f"or truncated while loading?)")
             done += n
@@ -183,6 +176,7 @@ class TensorSource:
             return out
         b = self._buffers
         if not hasattr(b, "raw"):
+            # raw: one chunk's file bytes, sized for the widest dtype (8 bytes: F64, I64)
             b.raw, b.staging = torch.empty(CHUNK * 8, dtype=torch.uint8), torch.empty(CHUNK, dtype=torch.float32)
         flat, size = out.view(-1), file_dtype.itemsize
         for i in range(0, flat.numel(), CHUNK):
@@ -249,7 +243,8 @@ def _on_meta_without_init():
 
     On `meta` the init writes nothing, yet each call still goes through the meta dispatch: 0.05-0.25 s
     for the full UNet's 1,168 init calls, up to a tenth of loading it. While building, torch.nn.init's
-    functions are no-ops; the weights come from the file."""
+    functions are no-ops; the weights come from the file. (transformers' `no_init_weights` does the
+    same; like it, this is not safe while another thread initialises layers.)"""
     saved = {name: getattr(torch.nn.init, name) for name in INIT_FUNCTIONS}
     try:
         for name in INIT_FUNCTIONS:

@@ -6,7 +6,10 @@ the `.fp16` variant and a sharded set. Every loader must give the reference mode
 """
 
 import copy
+import gc
 import json
+import os
+import re
 import shutil
 
 import pytest
@@ -196,18 +199,17 @@ def test_bad_files_name_the_file_and_the_problem(tiny, tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(LoadError, match="cut.safetensors: truncated"):
         load_unet(cut)
-    # A header whose entry disagrees with itself (bytes vs shape x dtype), and one that is not an object.
+    # A header entry whose byte range disagrees with its shape x dtype, and a header that is not an object.
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + n])
     name = next(k for k in header if k != "__metadata__")
-    header[name]["shape"] = [header[name]["shape"][0] + 1] + header[name]["shape"][1:]
-    for label, text in (("inconsistent", json.dumps(header)), ("list", "[1, 2, 3]")):
-        bad = tmp_path / f"{label}.safetensors"
-        body = text.encode().ljust(n if label == "list" else len(text.encode()))
-        bad.write_bytes(len(body).to_bytes(8, "little") + body + data[8 + n:])
-        with pytest.raises(LoadError, match=f"{label}.safetensors: " + ("corrupted header.*" + name.replace(".", r"\.")
-                                                                        if label == "inconsistent" else "not a safetensors")):
-            load_unet(bad)
+    header[name]["shape"][0] += 1
+    for label, text, error in (("inconsistent", json.dumps(header), f"corrupted header.*'{re.escape(name)}'"),
+                               ("list", "[1, 2, 3]", "not a safetensors file")):
+        body = text.encode()
+        (tmp_path / f"{label}.safetensors").write_bytes(len(body).to_bytes(8, "little") + body + data[8 + n:])
+        with pytest.raises(LoadError, match=f"{label}.safetensors: {error}"):
+            load_unet(tmp_path / f"{label}.safetensors")
     for suffix in (".ckpt", ".bin", ".pt"):
         pickle = tmp_path / f"model{suffix}"
         pickle.write_bytes(b"PK")
@@ -284,3 +286,38 @@ def test_a_file_cut_while_loading_names_the_tensor(tmp_path):
         f.truncate(offset + size // 2)
     with pytest.raises(LoadError, match=r"t\.safetensors: could not read tensor 'a': the file ends early"):
         src.load("a", torch.bfloat16, "cpu")
+
+
+def test_loading_leaves_torch_and_python_as_they_were(tiny, monkeypatch):
+    # load_unet builds with torch.nn.init switched off, without cyclic GC, and with one intra-op
+    # thread per loading thread; all three are restored, also when the load fails half way.
+    from minsdxl import loading
+    root, _ = tiny
+    init_before, threads_before = torch.nn.init.kaiming_uniform_, torch.get_num_threads()
+
+    def unchanged():
+        assert torch.nn.init.kaiming_uniform_ is init_before and gc.isenabled()
+        assert torch.get_num_threads() == threads_before
+        assert torch.nn.Linear(64, 64).weight.abs().sum() > 0  # initialised again
+
+    load_unet(root)
+    unchanged()
+    real_load = loading.TensorSource.load
+
+    def failing_load(self, name, dtype, device):
+        if name == "conv_out.bias":
+            raise LoadError("a read failed")
+        return real_load(self, name, dtype, device)
+
+    monkeypatch.setattr(loading.TensorSource, "load", failing_load)
+    with pytest.raises(LoadError, match="a read failed"):
+        load_unet(root)
+    unchanged()
+
+
+def test_reads_without_preadv(tiny, monkeypatch):
+    # Windows has no os.preadv: the reader falls back to seek + readinto, one thread at a time.
+    root, pipe = tiny
+    monkeypatch.delattr(os, "preadv")
+    unet = load_unet(root)
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in pipe.unet.state_dict().items())
