@@ -21,6 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 RUNNABLE = ["architecture.md", "weights.md", "memory.md", "lora.md", "sampling.md", "training.md"]  # tiny model or meta device
 # (performance.md and distributed.md hold benchmark and torchrun recipes for full-size weights and GPUs.)
+# Docs commands that take minutes run here with these flags appended (argparse: the last one wins):
+# the same code path on fewer steps, so that no test needs more than a minute on 2 cores. The docs
+# keep the full command. train.py's demo is 100 steps with two validations; 6 steps with validation
+# every 3 still trains, validates twice and writes every output.
+SMALLER_IN_TESTS = {"train.py": ["--max_train_steps", "6", "--validation_steps", "3"]}
 REFERENCE = re.compile(r"`([\w/]+\.py):L(\d+)-L(\d+) \(([^)]*)\)`")
 
 
@@ -55,6 +60,7 @@ def test_every_command_in_the_docs_runs(doc, tmp_path):
     for command in commands(doc):
         command = command.replace("/tmp/minsdxl-docs", str(tmp_path)).replace("out/", f"{tmp_path}/out/")
         argv = [sys.executable] + shlex.split(command)[1:]
+        argv += SMALLER_IN_TESTS.get(argv[1], [])
         result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, f"{doc}: `{command}` failed:\n{result.stderr[-2000:]}"
     assert (ROOT / "docs" / "unet.svg").read_bytes() == before  # the committed diagram is the current one

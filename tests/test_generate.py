@@ -16,6 +16,7 @@ from minsdxl import load_text_encoders, load_tokenizers, load_unet, load_vae
 from minsdxl.generate import GenerationError, Models, generate
 from minsdxl.lora_files import save_sdxl_lora
 from minsdxl.tiny import write_tiny_pipeline
+from tests.parity import assert_matches_reference
 from tests.test_sampling import SDXL_SCHEDULER_CONFIG
 
 SCHEDULERS = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
@@ -53,7 +54,11 @@ def test_latents_equal_the_diffusers_pipeline(tiny_dir, sampler, negative):
     theirs = pipe(["a cat", "a dog"], negative_prompt=[negative] * 2 if negative else None, num_inference_steps=6, guidance_scale=5.0,
                   width=64, height=64, generator=torch.Generator().manual_seed(3), output_type="latent").images
     assert ours.abs().max() > 0.1
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    # The whole run to the fp32 bound of tests/parity.py. Measured: 5e-7..8e-7 of max |ref| for every
+    # sampler, because diffusers' UNet has trainable weights and ours frozen ones, which sends one
+    # matmul down another PyTorch kernel (parity.py); with the reference frozen too, euler, euler_a and
+    # dpmpp_2m are bitwise equal and ddim is 3e-7 off (our DDIM takes alpha from sigma: sampling.py).
+    assert_matches_reference(ours, theirs, f"final latents, {sampler}, negative {negative!r}")
 
 
 def test_images_equal_the_diffusers_pipeline(tiny_dir):
