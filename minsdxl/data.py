@@ -33,10 +33,14 @@ Where data comes from (as with diffusers' script):
 - a local folder: images with a caption in a `.txt` file of the same name beside them
   (kohya's layout), or a `metadata.jsonl` with one `{"file_name": ..., "text": ...}` per line
   (the layout of diffusers' `imagefolder`).
+Images may be of any format and mode PIL opens (`to_rgb` says how each becomes 8-bit RGB); text
+files are read as UTF-8, with a warning naming any that is not (`read_text`). `Dataset.report()`
+says what was found, used and skipped, and why.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import io
@@ -48,9 +52,13 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# Every extension of a format PIL can open (.png, .jpg, .webp, .gif, .bmp, .tif, .tga, ...); some,
+# like .eps (which needs Ghostscript), may still fail to decode, and are then listed as unreadable.
+IMAGE_EXTENSIONS = tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN))
+# Modes with an alpha channel, put on white. RGBa is premultiplied RGBA (TIFF), PA a palette with alpha.
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "PA")
 # Images with a side under 64 px are skipped: at SDXL's 1024 they would be upscaled 16x or
 # more, so they are almost certainly thumbnails or icons rather than training images.
 MIN_SIDE = 64
@@ -60,7 +68,9 @@ BUCKET_STEP = 64
 MAX_ASPECT = 2.0  # longest / shortest side of a bucket; wider images are cropped to 2:1
 # Part of every sample key: bump it when the preprocessing changes, so that latent caches
 # written by older code are not reused.
-KEY_VERSION = "minsdxl-data-1"
+KEY_VERSION = "minsdxl-data-2"  # 2: 16-bit and float images scaled by their range, no longer clipped white
+TEXT_FALLBACKS = ("cp1252", "latin-1")  # the encodings `read_text` tries when a file is not UTF-8
+REPORT_NAMES = 10  # Dataset.report names at most this many files per reason
 EXIF_ORIENTATION = 0x0112  # values 5-8 mean the camera was turned 90 degrees
 
 
@@ -144,26 +154,79 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> i
 
 
 def open_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes to an RGB PIL image, upright (EXIF rotation applied).
+    """Decode encoded image bytes to an 8-bit RGB PIL image, upright (EXIF rotation applied).
 
-    Transparent pixels are put on white: `convert("RGB")` alone keeps whatever colour the
-    transparent pixels happen to store, often black.
+    Any format PIL opens; of an animated one (GIF, APNG, WebP) the first frame, which is what
+    `Image.open` decodes.
     """
-    image = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
+    return to_rgb(ImageOps.exif_transpose(Image.open(io.BytesIO(data))))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of a PIL image of any mode PIL decodes, each mode scaled by its real range.
+
+    - one channel of more than 8 bits (I;16, I, F): scaled to 0..255 by `_deep_to_l`;
+    - with alpha (RGBA, RGBa, LA, PA, or P with a transparent colour): put on white, since
+      `convert("RGB")` alone keeps whatever colour the transparent pixels happen to store, often black;
+    - the rest (1, L, P, RGB, CMYK, YCbCr, LAB, HSV): PIL's `convert("RGB")`, exact for 8-bit data.
+      (48-bit RGB and 64-bit RGBA PNGs already decode to RGB and RGBA, taking each value's high byte.)
+    """
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):  # I;16, I;16B, I;16L, I;16N
+        image = _deep_to_l(image)
+    if image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")  # RGBa (premultiplied, from TIFF) is un-premultiplied here
         image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
-    return image.convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as error:  # a mode PIL cannot convert, e.g. "La"
+        raise DataError(f"cannot convert an image of mode {image.mode} to RGB: {error}") from error
+
+
+def _deep_to_l(image: Image.Image) -> Image.Image:
+    """An 8-bit "L" image from a one-channel image of more than 8 bits, by the range its mode implies.
+
+    PIL's own conversion clips every value above 255 to white, so a 16-bit greyscale PNG would
+    train as a blank white image. Here the value that maps to 255 is:
+    - I;16 (16-bit PNG and TIFF greyscale): 65535, so 8-bit = value / 257;
+    - I (32-bit signed integers): 65535 when no value exceeds it (Pillow before 10 opened 16-bit
+      PNGs as I, and many tools store 16-bit data in 32-bit TIFFs), else 2^31 - 1, the top of the range;
+    - F (32-bit floats): 1.0 when no value exceeds it (the usual range of float images), else 255
+      (8-bit values stored as floats).
+    Values below 0 become black, as do NaNs; +inf becomes white.
+    """
+    values = np.asarray(image, dtype=np.float64)  # (H, W)
+    top = values[np.isfinite(values)].max(initial=0.0)
+    if image.mode == "F":
+        full_scale = 1.0 if top <= 1.0 else 255.0
+    elif image.mode == "I" and top > 65535:
+        full_scale = 2**31 - 1
+    else:
+        full_scale = 65535.0
+    scaled = np.nan_to_num(values * (255.0 / full_scale), nan=0.0, posinf=255.0, neginf=0.0)
+    return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8))  # (H, W) uint8: mode L
 
 
 def _probe(data: bytes) -> tuple[int, int]:
-    """(height, width) of an encoded image after EXIF rotation; raises if the file does not decode."""
+    """(height, width) of an encoded image after EXIF rotation; raises if the file does not decode to RGB."""
     with Image.open(io.BytesIO(data)) as image:
         width, height = image.size
         rotated = image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
         image.draft("RGB", (width // 8, height // 8))  # JPEG: decode at 1/8 scale, enough to prove the file is whole
         image.load()
+        to_rgb(image.crop((0, 0, 1, 1)))  # one pixel proves that the mode converts
     return (width, height) if rotated else (height, width)
+
+
+def _why(error: Exception) -> str:
+    """What went wrong reading an image, for a message that names the file itself.
+
+    PIL's "cannot identify image file <_io.BytesIO object at 0x...>" names only the in-memory buffer.
+    """
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image format PIL can read"
+    if isinstance(error, DataError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
 
 
 def apply_augmentation(image: Image.Image, aug: Augmentation) -> torch.Tensor:
@@ -211,10 +274,12 @@ def _image_bytes(value, where: str) -> bytes:
 # ---------------------------------------------------------------------------------------- sources
 
 
-def _load_hub_dataset(name: str, data_dir: str | None) -> datasets.Dataset:
-    """The train split of a Hub (or local `datasets`-loadable) dataset, as diffusers' script loads it."""
+def _load_hub_dataset(name: str, data_dir: str | None, config_name: str | None = None,
+                      cache_dir: str | None = None) -> datasets.Dataset:
+    """The train split of a Hub (or local `datasets`-loadable) dataset, as diffusers' script loads it:
+    `config_name` picks one of its configurations, `cache_dir` where downloads go."""
     try:
-        return datasets.load_dataset(name, data_dir=data_dir, split="train")
+        return datasets.load_dataset(name, config_name, data_dir=data_dir, cache_dir=cache_dir, split="train")
     except Exception as error:  # network, missing dataset, no train split: all mean "no data"
         offline = " (offline mode is on, so it must already be in the local cache)" if datasets.config.HF_HUB_OFFLINE else ""
         raise DataError(f"could not load dataset {name!r}{offline}: {type(error).__name__}: {error}") from error
@@ -233,34 +298,86 @@ def _hub_entries(hf: datasets.Dataset, image_column: str, caption_column: str):
     return hf.select_columns([image_column]), list(enumerate(captions))  # rows are then read for their image only
 
 
-def _folder_entries(root: Path, image_column: str, caption_column: str) -> list[tuple[Path, str]]:
-    """[(image path, caption)] of a folder: from metadata.jsonl if there is one, else from .txt files."""
+def read_text(path: Path) -> tuple[str, str]:
+    """(the text of a file, the encoding it was read in): UTF-8, else cp1252, else latin-1.
+
+    A UTF-8 byte-order mark is dropped (Windows editors write one), and a UTF-16 one means UTF-16
+    (Notepad's "Unicode"). Bytes that are not UTF-8 are almost never valid UTF-8 by accident, so
+    the fallbacks only see other encodings: most often cp1252, what Windows wrote before UTF-8
+    (e with an acute accent as the one byte 0xE9); latin-1, which gives every byte a character,
+    takes the files with one of the five bytes cp1252 leaves undefined. Callers warn about those two.
+    """
+    data = path.read_bytes()
+    encodings = ["utf-8-sig", "cp1252", "latin-1"]  # utf-8-sig: UTF-8, without a leading byte-order mark
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encodings.insert(0, "utf-16")  # the codec reads the byte order from the mark and drops it
+    for encoding in encodings:
+        try:
+            return data.decode(encoding), encoding
+        except UnicodeDecodeError:
+            continue
+    raise AssertionError("latin-1 decodes any bytes")
+
+
+def _relative(path: Path, root: Path) -> str:
+    """`path` as it is named inside the data folder `root` (sub/cat.png), or whole if it is outside."""
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
+def _folder_entries(root: Path, image_column: str, caption_column: str):
+    """([(image path, caption)], notes) of a folder: from metadata.jsonl if there is one, else from .txt files.
+
+    `notes` maps a heading of `Dataset.report` to the files it is about: text that was not UTF-8,
+    files that are not images.
+    """
     if not root.is_dir():
         raise DataError(f"train_data_dir {str(root)!r} is not a folder")
     metadata = root / "metadata.jsonl"
     if metadata.is_file():
-        rows = []
-        for number, line in enumerate(metadata.read_text().splitlines(), 1):
-            try:
-                rows += [json.loads(line)] if line.strip() else []
-            except json.JSONDecodeError as error:
-                raise DataError(f"{metadata} line {number} is not JSON: {error}") from error
-        if not rows:
-            raise DataError(f"{metadata} lists no images")
-        columns = ["image"] + sorted({key for row in rows for key in row} - {"file_name"})
-        for role, name in (("image_column", image_column), ("caption_column", caption_column)):
-            if name not in columns:
-                raise DataError(f"{role}={name!r} is not a column of {metadata}; its columns are {columns}")
-        for number, row in enumerate(rows, 1):
-            if "file_name" not in row or caption_column not in row:
-                raise DataError(f"{metadata} line {number} lacks 'file_name' or {caption_column!r}: {row}")
-        return [(root / row["file_name"], str(row[caption_column])) for row in rows]
+        return _metadata_entries(metadata, image_column, caption_column)
+    return _caption_file_entries(root, image_column, caption_column)
 
-    # kohya's layout: cat.png with its caption in cat.txt, in the folder or below it.
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                    and not any(part.startswith(".") for part in p.relative_to(root).parts))  # skip .ipynb_checkpoints etc.
+
+def _metadata_entries(metadata: Path, image_column: str, caption_column: str):
+    """([(image path, caption)], notes) from diffusers' imagefolder layout: one JSON object per line."""
+    text, encoding = read_text(metadata)
+    notes = {}
+    if encoding in TEXT_FALLBACKS:
+        notes[f"not UTF-8, read as {encoding}"] = [metadata.name]
+        warnings.warn(f"{metadata} is not UTF-8; read it as {encoding}: check its captions, or save it as UTF-8",
+                      stacklevel=4)
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            rows += [(number, json.loads(line))] if line.strip() else []
+        except json.JSONDecodeError as error:
+            raise DataError(f"{metadata} line {number} is not JSON: {error}") from error
+    if not rows:
+        raise DataError(f"{metadata} lists no images")
+    for number, row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise DataError(f"{metadata} line {number} is not an object with a 'file_name' string: {row}")
+    columns = ["image"] + sorted({key for _, row in rows for key in row} - {"file_name"})
+    for role, name in (("image_column", image_column), ("caption_column", caption_column)):
+        if name not in columns:
+            raise DataError(f"{role}={name!r} is not a column of {metadata}; its columns are {columns}")
+    for number, row in rows:
+        if caption_column not in row:
+            raise DataError(f"{metadata} line {number} lacks 'file_name' or {caption_column!r}: {row}")
+    return [(metadata.parent / row["file_name"], str(row[caption_column])) for _, row in rows], notes
+
+
+def _caption_file_entries(root: Path, image_column: str, caption_column: str):
+    """([(image path, caption)], notes) from kohya's layout: cat.png with its caption in cat.txt, at any depth."""
+    files = sorted(p for p in root.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))  # skip .ipynb_checkpoints etc.
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    others = [_relative(p, root) for p in files if p.suffix.lower() not in (*IMAGE_EXTENSIONS, ".txt")]
+    notes = {"ignored, not an image format PIL opens": others} if others else {}
     if not images:
-        raise DataError(f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)} files, in subfolders too)")
+        seen = f"; it has {len(others)} other files, e.g. {others[0]}" if others else ""
+        raise DataError(f"no images in {root} (looked for the {len(IMAGE_EXTENSIONS)} file extensions PIL opens, "
+                        f"e.g. .png .jpg .webp .gif, in subfolders too{seen})")
     columns = ["image", "text"]  # what diffusers' imagefolder calls the image and the caption
     for role, name in (("image_column", image_column), ("caption_column", caption_column)):
         if name not in columns:
@@ -273,8 +390,14 @@ def _folder_entries(root: Path, image_column: str, caption_column: str) -> list[
                         'beside it, or write a metadata.jsonl with lines like {"file_name": "cat.png", "text": "a cat"}')
     if missing:
         warnings.warn(f"{len(missing)} of {len(images)} images in {root} have no .txt caption and get an empty one "
-                      f"(e.g. {missing[0].name})", stacklevel=3)
-    return [(p, c.read_text().strip() if c.is_file() else "") for p, c in zip(images, captions)]
+                      f"(e.g. {missing[0].name})", stacklevel=4)
+    texts = [read_text(c) if c.is_file() else ("", "utf-8") for c in captions]  # [(caption, encoding)]
+    fallbacks = [f"{_relative(c, root)} ({encoding})" for c, (_, encoding) in zip(captions, texts) if encoding in TEXT_FALLBACKS]
+    if fallbacks:
+        notes["captions not UTF-8, read as cp1252 or latin-1"] = fallbacks
+        warnings.warn(f"{len(fallbacks)} caption files in {root} are not UTF-8; read them as cp1252 or latin-1, so "
+                      f"check them, or save them as UTF-8: {', '.join(fallbacks[:REPORT_NAMES])}", stacklevel=4)
+    return [(p, text.strip()) for p, (text, _) in zip(images, texts)], notes
 
 
 # ---------------------------------------------------------------------------------------- dataset
@@ -301,6 +424,8 @@ class Dataset(torch.utils.data.Dataset):
         bucketing: bool = False,
         max_train_samples: int | None = None,
         seed: int = 0,
+        dataset_config_name: str | None = None,
+        cache_dir: str | Path | None = None,
     ):
         if resolution < MIN_SIDE:
             raise DataError(f"resolution must be at least {MIN_SIDE}, got {resolution}")
@@ -312,9 +437,14 @@ class Dataset(torch.utils.data.Dataset):
 
         # Where the images are: rows of a datasets.Dataset, or files. As in diffusers' script, a
         # Hub name together with train_data_dir loads that folder of the Hub dataset (data_dir).
-        self._hf = None
+        self._hf, self._root, notes = None, None, {}
+        self.source = f"dataset {dataset_name!r}" if isinstance(dataset_name, str) else "the datasets.Dataset"
         if isinstance(dataset_name, str):
-            dataset_name = _load_hub_dataset(dataset_name, None if train_data_dir is None else str(train_data_dir))
+            dataset_name = _load_hub_dataset(dataset_name, None if train_data_dir is None else str(train_data_dir),
+                                             dataset_config_name, None if cache_dir is None else str(cache_dir))
+        elif dataset_config_name is not None:
+            raise DataError(f"dataset_config_name {dataset_config_name!r} picks a configuration of a Hub dataset; "
+                            f"give it with dataset_name")
         elif dataset_name is not None and train_data_dir is not None:
             raise DataError("give a datasets.Dataset or train_data_dir, not both")
         if dataset_name is not None:
@@ -323,7 +453,9 @@ class Dataset(torch.utils.data.Dataset):
                 raise DataError(f"dataset_name must be a name or a datasets.Dataset, got {type(dataset_name).__name__}{hint}")
             self._hf, entries = _hub_entries(dataset_name, image_column, caption_column)
         elif train_data_dir is not None:
-            entries = _folder_entries(Path(train_data_dir), image_column, caption_column)
+            self._root = Path(train_data_dir)
+            self.source = str(self._root)
+            entries, notes = _folder_entries(self._root, image_column, caption_column)
         else:
             raise DataError("no data: give dataset_name (a Hub dataset) or train_data_dir (a folder of images)")
         self.image_column = image_column
@@ -332,42 +464,70 @@ class Dataset(torch.utils.data.Dataset):
         order = list(range(len(entries)))
         if max_train_samples is not None:
             order = torch.randperm(len(entries), generator=seeded_generator("subset", seed)).tolist()
-        self._records = self._scan([entries[i] for i in order], max_train_samples)
+        self._records, self.skipped = self._scan([entries[i] for i in order], max_train_samples)
+        self._found, self._notes, self._limit = len(entries), notes, max_train_samples  # for report()
         self.bucket_ids = [nearest_bucket(*r.size, self.buckets) for r in self._records]
-        # A name per image for messages and --debug_loss: the file name, or the dataset row.
-        self.names = [r.source.name if isinstance(r.source, Path) else f"row {r.source}" for r in self._records]
+        # A name per image for messages and --debug_loss: its path in the folder, or the dataset row.
+        self.names = [self._name(r.source) for r in self._records]
 
-    def _scan(self, entries: list, limit: int | None) -> list[_Record]:
-        """Read and check each image once (size, decodability, hash); warn once about the ones skipped."""
-        records, unreadable, tiny = [], [], []
+    def _scan(self, entries: list, limit: int | None) -> tuple[list[_Record], dict[str, list[str]]]:
+        """Read and check each image once (size, decodability, hash); warn once about the ones skipped.
+
+        Returns the usable images and {reason: ["name (detail)", ...]} for the others.
+        """
+        records, skipped = [], {"unreadable": [], f"smaller than {MIN_SIDE} px": []}
         for source, caption in entries:
             if limit is not None and len(records) == limit:
                 break
-            where = str(source) if isinstance(source, Path) else f"row {source}"
             try:
                 data = self._read_bytes(source)
                 height, width = _probe(data)
             except Exception as error:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-                unreadable.append(f"{where} ({type(error).__name__}: {error})")
+                skipped["unreadable"].append(f"{self._name(source)} ({_why(error)})")
                 continue
             if min(height, width) < MIN_SIDE:
-                tiny.append(f"{where} ({height}x{width})")
+                skipped[f"smaller than {MIN_SIDE} px"].append(f"{self._name(source)} ({height}x{width})")
                 continue
             records.append(_Record(source, caption, (height, width), hashlib.sha256(data).hexdigest()))
-        skipped = unreadable + tiny
+        skipped = {reason: names for reason, names in skipped.items() if names}
         if skipped:
-            message = (f"skipped {len(skipped)} of {len(records) + len(skipped)} images: {len(unreadable)} unreadable, "
-                       f"{len(tiny)} smaller than {MIN_SIDE} px: " + "; ".join(skipped[:5]) + ("; ..." if len(skipped) > 5 else ""))
+            names = [name for reason_names in skipped.values() for name in reason_names]
+            message = (f"skipped {len(names)} of {len(records) + len(names)} images: "
+                       + ", ".join(f"{len(v)} {reason}" for reason, v in skipped.items())
+                       + ": " + "; ".join(names[:5]) + ("; ..." if len(names) > 5 else ""))
             if not records:
-                raise DataError("no usable images: " + message)
+                raise DataError(f"no usable images: {message} (in {self.source})")
             warnings.warn(message, stacklevel=3)
-        return records
+        return records, skipped
+
+    def _name(self, source: Path | int) -> str:
+        """How messages name an image: its path inside train_data_dir, or "row 12" of a datasets.Dataset."""
+        return _relative(source, self._root) if isinstance(source, Path) else f"row {source}"
 
     def _read_bytes(self, source: Path | int) -> bytes:
         """The encoded bytes of one image: a file's contents or a row's image value."""
         if isinstance(source, Path):
             return source.read_bytes()
         return _image_bytes(self._hf[source][self.image_column], f"row {source}")
+
+    def report(self) -> str:
+        """What reading the data found, for the training log: images found, used and skipped, by reason.
+
+        One line of counts, then a heading per reason (and per note: text that was not UTF-8, files
+        that are not images) with at most REPORT_NAMES of its files, by their path in the folder, or
+        by row for a datasets.Dataset.
+        """
+        skipped = sum(len(names) for names in self.skipped.values())
+        lines = [f"{self.source}: {self._found} images found, {len(self)} used, {skipped} skipped"]
+        if unread := self._found - len(self) - skipped:
+            lines[0] += f", {unread} not read (max_train_samples={self._limit})"
+        headings = {**{f"skipped, {reason}": names for reason, names in self.skipped.items()}, **self._notes}
+        for heading, names in headings.items():
+            lines.append(f"  {heading} ({len(names)}):")
+            lines += [f"    {name}" for name in names[:REPORT_NAMES]]
+            if len(names) > REPORT_NAMES:
+                lines.append(f"    ... and {len(names) - REPORT_NAMES} more")
+        return "\n".join(lines)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -401,9 +561,13 @@ class Dataset(torch.utils.data.Dataset):
         """Sample `index` as it is in `epoch`: pixels (3, Ht, Wt) in [-1, 1], caption, time_ids (6,), index, key."""
         record = self._records[index]
         aug = self.augmentation(epoch, index)
-        data = self._read_bytes(record.source)
+        try:
+            data = self._read_bytes(record.source)
+            pixels = apply_augmentation(open_image(data), aug)
+        except Exception as error:  # it was read when the dataset was built: the file changed or went
+            raise DataError(f"{self.names[index]} (in {self.source}): {_why(error)}") from error
         return {
-            "pixels": apply_augmentation(open_image(data), aug),
+            "pixels": pixels,
             "caption": record.caption,
             "time_ids": torch.tensor(aug.time_ids()),  # (orig_h, orig_w, crop_top, crop_left, target_h, target_w)
             "index": index,

@@ -1,13 +1,18 @@
-"""The training data pipeline: sources, exact crop/flip/time ids, determinism, buckets, sampler, bad inputs.
+"""The training data pipeline: sources, image modes and formats, caption encodings, exact crop/flip/time ids,
+determinism, buckets, sampler, bad inputs and the report of what was skipped.
 
 Everything here is built in tmp_path or in memory with tiny images; nothing is downloaded.
 """
 
+import io
 import json
 import re
+import struct
 import warnings
+import zlib
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -448,3 +453,258 @@ def test_demo_dataset(tmp_path):
     assert sum(p.stat().st_size for p in first.iterdir()) < 100_000
     other_seed = Dataset(train_data_dir=make_demo_dataset(tmp_path / "c", n=12, seed=1), resolution=64)
     assert other_seed.captions != ds.captions
+
+
+# ------------------------------------------------------------------------- image modes and formats
+
+SIDE = 64  # every test image is 64 x 64, so at resolution 64 the pixels come back unresized
+
+
+def png_bytes(array, colour_type):
+    """A 16-bit-per-channel PNG written by hand (PIL cannot write 48-bit RGB): array (H, W) or (H, W, C) uint16.
+
+    colour_type 0 is greyscale, 2 RGB (PNG spec, table 11.1); each row is prefixed by filter byte 0 (none).
+    """
+    height, width = array.shape[:2]
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)  # bit depth 16, no interlace
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in array)  # PNG stores big-endian samples
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def on_white(rgb, alpha):
+    """Reference alpha compositing: (H, W, 3) colours over white with (H, W) alpha 0..255."""
+    a = alpha[..., None] / 255.0
+    return rgb * a + 255.0 * (1 - a)
+
+
+def saved(image, fmt):
+    """The bytes of `image` saved in format `fmt`."""
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def mode_case(mode, rng):
+    """(encoded bytes, file suffix, reference (H, W, 3) floats 0..255) of a random image in `mode`.
+
+    The reference is what a user expects the 8-bit RGB picture to be, computed with numpy only.
+    """
+    grey8 = rng.integers(0, 256, (SIDE, SIDE)).astype(np.uint8)
+    rgb8 = rng.integers(0, 256, (SIDE, SIDE, 3)).astype(np.uint8)
+    alpha = rng.integers(0, 256, (SIDE, SIDE)).astype(np.uint8)
+    grey16 = rng.integers(0, 65536, (SIDE, SIDE)).astype(np.uint16)
+    palette = rng.integers(0, 256, (256, 3)).astype(np.uint8)
+    indices = rng.integers(0, 256, (SIDE, SIDE)).astype(np.uint8)
+    grey3 = lambda g: np.repeat(g[..., None].astype(np.float64), 3, axis=2)  # noqa: E731
+    if mode == "1":
+        bits = grey8 > 127
+        return saved(Image.fromarray(bits), "PNG"), ".png", grey3(bits * 255.0)
+    if mode == "L":
+        return saved(Image.fromarray(grey8), "PNG"), ".png", grey3(grey8)
+    if mode == "LA":
+        image = Image.fromarray(np.stack([grey8, alpha], axis=2), "LA")
+        return saved(image, "PNG"), ".png", on_white(grey3(grey8), alpha)
+    if mode in ("P", "PA"):
+        image = Image.new(mode, (SIDE, SIDE))
+        image.putpalette(palette.tobytes())
+        if mode == "P":
+            image.putdata(indices.flatten().tolist())
+            return saved(image, "PNG"), ".png", palette[indices].astype(np.float64)
+        image.putdata(list(zip(indices.flatten().tolist(), alpha.flatten().tolist())))
+        return saved(image, "TIFF"), ".tif", on_white(palette[indices].astype(np.float64), alpha)  # PNG cannot hold PA
+    if mode == "P+transparency":  # a palette colour marked transparent (PNG tRNS)
+        image = Image.new("P", (SIDE, SIDE))
+        image.putpalette(palette.tobytes())
+        image.putdata(indices.flatten().tolist())
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG", transparency=0)
+        return buffer.getvalue(), ".png", np.where((indices == 0)[..., None], 255.0, palette[indices])
+    if mode == "RGBA":
+        image = Image.fromarray(np.concatenate([rgb8, alpha[..., None]], axis=2))
+        return saved(image, "PNG"), ".png", on_white(rgb8.astype(np.float64), alpha)
+    if mode == "CMYK":
+        cmyk = rng.integers(0, 256, (SIDE, SIDE, 4)).astype(np.float64)
+        image = Image.fromarray(cmyk.astype(np.uint8), "CMYK")
+        # Naive CMYK: each ink and black take their share of the light, R = (255 - C) (255 - K) / 255.
+        return saved(image, "TIFF"), ".tif", (255 - cmyk[..., :3]) * (255 - cmyk[..., 3:]) / 255
+    if mode == "I;16":  # a 16-bit greyscale PNG
+        return saved(Image.fromarray(grey16), "PNG"), ".png", grey3(grey16 / 257.0)  # 65535 / 255 = 257
+    if mode == "I (16-bit data)":
+        return saved(Image.fromarray(grey16.astype(np.int32)), "TIFF"), ".tif", grey3(grey16 / 257.0)
+    if mode == "I (32-bit data)":
+        grey32 = rng.integers(0, 2**31 - 1, (SIDE, SIDE)).astype(np.int32)
+        return saved(Image.fromarray(grey32), "TIFF"), ".tif", grey3(grey32 / (2**31 - 1) * 255)
+    if mode == "F (0..1)":
+        unit = rng.random((SIDE, SIDE)).astype(np.float32)
+        return saved(Image.fromarray(unit), "TIFF"), ".tif", grey3(unit * 255.0)
+    if mode == "F (0..255)":
+        values = (rng.random((SIDE, SIDE)) * 255).astype(np.float32)
+        return saved(Image.fromarray(values), "TIFF"), ".tif", grey3(values)
+    if mode == "RGB 48-bit PNG":
+        rgb16 = rng.integers(0, 65536, (SIDE, SIDE, 3)).astype(np.uint16)
+        return png_bytes(rgb16, colour_type=2), ".png", rgb16 / 257.0
+    raise AssertionError(mode)
+
+
+MODES = ["1", "L", "LA", "P", "PA", "P+transparency", "RGBA", "CMYK", "I;16", "I (16-bit data)", "I (32-bit data)",
+         "F (0..1)", "F (0..255)", "RGB 48-bit PNG"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_becomes_8_bit_rgb_by_its_real_range(tmp_path, mode):
+    encoded, suffix, reference = mode_case(mode, np.random.default_rng(0))
+    opened = Image.open(io.BytesIO(encoded)).mode
+    assert opened == mode.split(" ")[0].split("+")[0]  # the file decodes to the mode the case names
+    (tmp_path / f"image{suffix}").write_bytes(encoded)
+    (tmp_path / "image.txt").write_text("x")
+    pixels = to_uint8(Dataset(train_data_dir=tmp_path, resolution=SIDE).get(0, 0)["pixels"])  # (3, H, W)
+    got = pixels.permute(1, 2, 0).numpy().astype(np.float64)  # (H, W, 3)
+    assert abs(got.mean() - reference.mean()) < 0.5, (got.mean(), reference.mean())
+    assert np.abs(got - reference).max() <= 1.0  # every pixel, within the rounding of one 8-bit step
+
+
+def test_deep_modes_edge_values():
+    floats = Image.fromarray(np.array([[-1.0, np.nan, np.inf, 0.5]], dtype=np.float32))
+    assert np.asarray(data.to_rgb(floats))[0, :, 0].tolist() == [0, 0, 255, 128]  # 0..1 data: 0.5 -> 127.5 -> 128
+    ints = Image.fromarray(np.array([[-5, 0, 257, 65535]], dtype=np.int32))
+    assert np.asarray(data.to_rgb(ints))[0, :, 0].tolist() == [0, 0, 1, 255]  # 16-bit data in mode I
+    with pytest.raises(DataError, match="mode La"):
+        data.to_rgb(Image.new("La", (2, 2)))
+
+
+def test_other_formats_and_the_first_frame_of_an_animation(tmp_path):
+    colours = {"a.gif": (255, 0, 0), "b.bmp": (0, 255, 0), "c.webp": (0, 0, 255), "d.tiff": (9, 99, 199),
+               "e.tga": (50, 60, 70), "f.ppm": (1, 2, 3)}
+    for name, colour in colours.items():
+        if name.endswith(".gif"):  # two frames: red, then blue
+            frames = [Image.new("RGB", (SIDE, SIDE), c) for c in (colour, (0, 0, 255))]
+            frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:], duration=100)
+            assert Image.open(tmp_path / name).n_frames == 2
+        else:
+            lossless = {"lossless": True} if name.endswith(".webp") else {}
+            Image.new("RGB", (SIDE, SIDE), colour).save(tmp_path / name, **lossless)
+        (tmp_path / name).with_suffix(".txt").write_text(name)
+    ds = Dataset(train_data_dir=tmp_path, resolution=SIDE)
+    assert ds.captions == list(colours)
+    for index, colour in enumerate(colours.values()):
+        assert to_uint8(ds.get(0, index)["pixels"])[:, 10, 10].tolist() == list(colour), ds.names[index]
+
+
+# --------------------------------------------------------------------------------- caption encodings
+
+
+def test_captions_utf8_with_bom_utf16_and_legacy_encodings(tmp_path):
+    texts = {"bom": ("\ufeffcafé au lait".encode("utf-8"), "café au lait"),  # Notepad's "UTF-8 with BOM"
+             "utf16": ("naïve “quotes”".encode("utf-16"), "naïve “quotes”"),  # Notepad's "Unicode", with its BOM
+             "cp1252": ("crème brûlée – “fine”".encode("cp1252"), "crème brûlée – “fine”"),
+             "latin1": (b"odd \x81 byte \xe9", "odd \x81 byte é")}  # 0x81 is undefined in cp1252
+    for name, (encoded, _) in texts.items():
+        write_image(tmp_path / f"{name}.png", SIDE, SIDE)
+        (tmp_path / f"{name}.txt").write_bytes(encoded)
+    fallbacks = r"2 caption files .* not UTF-8.*cp1252\.txt \(cp1252\), latin1\.txt \(latin-1\)"
+    with pytest.warns(UserWarning, match=fallbacks):
+        ds = Dataset(train_data_dir=tmp_path, resolution=SIDE)
+    assert ds.captions == [texts[name][1] for name in sorted(texts)]
+    assert ds.report().splitlines()[1:] == ["  captions not UTF-8, read as cp1252 or latin-1 (2):",
+                                            "    cp1252.txt (cp1252)", "    latin1.txt (latin-1)"]
+
+
+def test_metadata_jsonl_with_bom_or_cp1252(tmp_path):
+    write_image(tmp_path / "a.png", SIDE, SIDE)
+    line = '{"file_name": "a.png", "text": "déjà vu"}\n'
+    (tmp_path / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + line.encode("utf-8"))  # UTF-8 byte-order mark
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # UTF-8 with a BOM is read without a warning
+        assert Dataset(train_data_dir=tmp_path, resolution=SIDE).captions == ["déjà vu"]
+    (tmp_path / "metadata.jsonl").write_bytes(line.encode("cp1252"))
+    with pytest.warns(UserWarning, match=re.escape(f"{tmp_path / 'metadata.jsonl'} is not UTF-8; read it as cp1252")):
+        ds = Dataset(train_data_dir=tmp_path, resolution=SIDE)
+    assert ds.captions == ["déjà vu"] and "not UTF-8, read as cp1252 (1):\n    metadata.jsonl" in ds.report()
+    (tmp_path / "metadata.jsonl").write_text('[1, 2]\n')
+    with pytest.raises(DataError, match="metadata.jsonl line 1 is not an object with a 'file_name'"):
+        Dataset(train_data_dir=tmp_path, resolution=SIDE)
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def test_report_counts_and_names_what_was_skipped(tmp_path):
+    write_image(tmp_path / "good.png", SIDE, 80, caption="good")
+    write_image(tmp_path / "sub" / "tiny.png", 32, 200, caption="tiny")
+    (tmp_path / "garbage.gif").write_bytes(b"not an image at all")
+    (tmp_path / "garbage.txt").write_text("garbage")
+    (tmp_path / "notes.md").write_text("not an image")
+    (tmp_path / "photo.heic").write_bytes(b"a format PIL does not open")
+    with pytest.warns(UserWarning, match=r"skipped 2 of 3 images: 1 unreadable, 1 smaller than 64 px"):
+        ds = Dataset(train_data_dir=tmp_path, resolution=SIDE)
+    assert ds.names == ["good.png"]
+    assert ds.report() == "\n".join([
+        f"{tmp_path}: 3 images found, 1 used, 2 skipped",
+        "  skipped, unreadable (1):",
+        "    garbage.gif (not an image format PIL can read)",
+        "  skipped, smaller than 64 px (1):",
+        "    sub/tiny.png (32x200)",
+        "  ignored, not an image format PIL opens (2):",
+        "    notes.md",
+        "    photo.heic"])
+    assert ds.skipped == {"unreadable": ["garbage.gif (not an image format PIL can read)"],
+                          "smaller than 64 px": ["sub/tiny.png (32x200)"]}
+
+
+def test_report_of_a_hub_dataset_names_rows_and_caps_the_names():
+    good = {"bytes": saved(Image.new("RGB", (SIDE, SIDE)), "PNG"), "path": None}
+    images = [good] + [{"bytes": b"broken", "path": None}] * 12 + [good] * 3
+    hf = datasets.Dataset.from_dict({"image": images, "text": [str(i) for i in range(16)]})
+    hf = hf.cast_column("image", datasets.Image())
+    with pytest.warns(UserWarning, match="skipped 12 of 16 images: 12 unreadable: row 1 "):
+        report = Dataset(hf, resolution=SIDE).report()
+    assert report.splitlines() == [
+        "the datasets.Dataset: 16 images found, 4 used, 12 skipped",
+        "  skipped, unreadable (12):",
+        *[f"    row {row} (not an image format PIL can read)" for row in range(1, 1 + data.REPORT_NAMES)],
+        "    ... and 2 more"]
+    assert "BytesIO" not in report
+    subset = Dataset(hf.select([0, 13, 14, 15]), resolution=SIDE, max_train_samples=2)
+    assert subset.report() == ("the datasets.Dataset: 4 images found, 2 used, 0 skipped, "
+                               "2 not read (max_train_samples=2)")
+
+
+def test_image_that_breaks_after_the_scan_raises_data_error_naming_it(tmp_path):
+    write_image(tmp_path / "a.png", SIDE, SIDE, caption="a")
+    ds = Dataset(train_data_dir=tmp_path, resolution=SIDE)
+    (tmp_path / "a.png").write_bytes(b"overwritten")
+    with pytest.raises(DataError, match=r"a\.png \(in .*\): not an image format PIL can read"):
+        ds.get(0, 0)
+    write_image(tmp_path / "a.png", SIDE, 2 * SIDE)
+    with pytest.raises(DataError, match=r"a\.png .*did the file change"):
+        ds.get(0, 0)
+    (tmp_path / "a.png").unlink()
+    with pytest.raises(DataError, match=r"a\.png .*FileNotFoundError"):
+        ds.get(0, 0)
+
+
+def test_dataset_config_name_and_cache_dir_reach_load_dataset(tmp_path):
+    """train.py's --dataset_config_name picks a configuration of a Hub-style dataset and --cache_dir is
+    where `datasets` keeps it (a local dataset repo with two configurations, as on the Hub)."""
+    root = tmp_path / "repo"
+
+    def png(i):
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), (40 * i, 0, 0)).save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    for name, n in (("small", 2), ("big", 3)):
+        (root / name).mkdir(parents=True)
+        rows = {"image": [png(i) for i in range(n)], "text": [f"{name} {i}" for i in range(n)]}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(root / name / "train.parquet"))
+    (root / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {name}\n  data_files:\n  - split: train\n    path: {name}/*.parquet\n" for name in ("small", "big")) + "---\n")
+    small = Dataset(dataset_name=str(root), dataset_config_name="small", resolution=64, cache_dir=tmp_path / "cache")
+    assert small.captions == ["small 0", "small 1"] and any((tmp_path / "cache").iterdir())
+    assert Dataset(dataset_name=str(root), dataset_config_name="big", resolution=64).captions == ["big 0", "big 1", "big 2"]
+    with pytest.raises(DataError, match="dataset_config_name 'small' picks a configuration"):
+        Dataset(train_data_dir=root / "small", dataset_config_name="small", resolution=64)
