@@ -102,7 +102,7 @@ def test_hub_name_goes_through_load_dataset(monkeypatch):
     calls = []
     monkeypatch.setattr(data.datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or hf)
     assert len(Dataset("someone/naruto", resolution=64)) == 1
-    assert calls == [(("someone/naruto",), {"data_dir": None, "split": "train"})]
+    assert calls == [(("someone/naruto", None), {"data_dir": None, "cache_dir": None, "split": "train"})]
 
     def offline(*args, **kwargs):
         raise ConnectionError("no internet")
