@@ -1,4 +1,4 @@
-"""sample.py: generate SDXL images with the base model and LoRAs.
+r"""sample.py: generate SDXL images with the base model and LoRAs.
 
     python sample.py --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
         --prompt "a photo of a corgi" --lora out/pytorch_lora_weights.safetensors:0.8 --compare
@@ -20,6 +20,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 import lora
+from minsdxl.cli import HelpFormatter, given_flags
 from minsdxl.generate import GenerationError, Models, compare_grid, generate
 from minsdxl.loading import LoadError, load_text_encoders, load_tokenizers, load_unet, load_vae
 from minsdxl.lora_files import load_sdxl_lora
@@ -29,37 +30,57 @@ from minsdxl.tiny import write_tiny_pipeline
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    a = p.add_argument
+    a("--pretrained_model_name_or_path", help="single .safetensors file, diffusers folder or Hub repo id")
+    a("--pretrained_vae_model_name_or_path", help="another VAE, e.g. madebyollin/sdxl-vae-fp16-fix")
+    a("--variant", help="diffusers weight variant, e.g. fp16")
+    a("--prompt", action="append", help="repeatable: one set of images per prompt")
+    a("--negative_prompt", default="", help="the same for every prompt; empty = SDXL's zero conditioning")
+    a("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+      help="a LoRA file and its strength (1.0 without :SCALE); repeatable: several LoRAs are merged in turn")
+    a("--merge_lora", action="store_true", help="fold the LoRA into the weights (faster steps)")
+    a("--steps", type=int, default=30, help="sampler steps")
+    a("--guidance_scale", type=float, default=5.0, help="classifier-free guidance; 1 = no guidance")
+    a("--sampler", choices=SAMPLERS, default="euler", help="see minsdxl/sampling.py")
+    a("--karras", action="store_true", help="Karras sigma spacing (euler, euler_a, dpmpp_2m)")
+    a("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon",
+      help="what the UNet was trained to predict: SDXL base the noise, v-prediction fine-tunes v")
+    a("--seed", type=int, default=0, help="image i of a prompt uses seed + i")
+    a("--width", type=int, default=1024, help="pixels, a multiple of 8")
+    a("--height", type=int, default=1024, help="pixels, a multiple of 8")
+    a("--num_images", type=int, default=1, help="images per prompt, seeds seed, seed+1, ...")
+    a("--output_dir", default="samples", help="where the PNGs go")
+    a("--device", help="cuda when available, else cpu")
+    a("--dtype", choices=DTYPES, help="UNet and text encoders; bf16 (fp16 without bf16) on CUDA, fp32 on CPU")
+    a("--vae_dtype", choices=DTYPES, default="fp32", help="the SDXL VAE overflows to NaN in fp16; fp32 and bf16 are safe")
+    a("--vae_tiling", action="store_true", help="decode in overlapping tiles (large images)")
+    a("--lowvram", action="store_true",
+      help="keep models on the CPU; move each stage to the GPU only while it runs (8-12 GB cards)")
+    a("--compare", action="store_true",
+      help="also generate without the LoRAs (same prompts and seeds) and save a side-by-side grid")
+    a("--demo", action="store_true",
+      help="a tiny random SDXL on the CPU, no download; flags you give still apply")
+    return p
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pretrained_model_name_or_path", help="single .safetensors file, diffusers folder or Hub repo id")
-    p.add_argument("--pretrained_vae_model_name_or_path", help="another VAE, e.g. madebyollin/sdxl-vae-fp16-fix")
-    p.add_argument("--variant", help="diffusers weight variant, e.g. fp16")
-    p.add_argument("--prompt", action="append", help="repeatable: one set of images per prompt")
-    p.add_argument("--negative_prompt", default="", help="the same for every prompt; empty = SDXL's zero conditioning")
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="a LoRA file and its strength (default 1.0); repeatable: several LoRAs are merged in turn")
-    p.add_argument("--merge_lora", action="store_true", help="fold the LoRA into the weights (faster steps)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance_scale", type=float, default=5.0)
-    p.add_argument("--sampler", choices=SAMPLERS, default="euler")
-    p.add_argument("--karras", action="store_true", help="Karras sigma spacing (euler, euler_a, dpmpp_2m)")
-    p.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--num_images", type=int, default=1, help="images per prompt, seeds seed, seed+1, ...")
-    p.add_argument("--output_dir", default="samples")
-    p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--dtype", choices=DTYPES, help="UNet and text encoders; default bf16 (fp16 without bf16) on CUDA, fp32 on CPU")
-    p.add_argument("--vae_dtype", choices=DTYPES, default="fp32",
-                   help="the SDXL VAE overflows to NaN in fp16; fp32 (default) or bf16 are safe")
-    p.add_argument("--vae_tiling", action="store_true", help="decode in overlapping tiles (large images)")
-    p.add_argument("--lowvram", action="store_true",
-                   help="keep models on the CPU; move each stage to the GPU only while it runs (8-12 GB cards)")
-    p.add_argument("--compare", action="store_true",
-                   help="also generate without the LoRAs (same prompts and seeds) and save a side-by-side grid")
-    p.add_argument("--demo", action="store_true", help="a tiny random SDXL on the CPU, no download")
-    return p.parse_args(argv)
+    """The command line; `args._explicit` holds the flags that were given, which --demo leaves alone."""
+    args = build_parser().parse_args(argv)
+    args._explicit = given_flags(build_parser, argv)
+    return args
+
+
+def apply_demo_defaults(args: argparse.Namespace) -> None:
+    """--demo: the tiny random SDXL of minsdxl/tiny.py, small images and few steps, on the CPU; each
+    setting only where its flag was not given."""
+    if not args.pretrained_model_name_or_path:
+        args.pretrained_model_name_or_path = str(write_tiny_pipeline(Path(args.output_dir) / "tiny-sdxl"))
+    args.prompt = args.prompt or ["a red circle on a blue square"]
+    for key, value in dict(width=64, height=64, steps=10, device="cpu").items():
+        if key not in getattr(args, "_explicit", set()):
+            setattr(args, key, value)
 
 
 def parse_lora_spec(spec: str) -> tuple[Path, float]:
@@ -163,12 +184,7 @@ def save_image(image: Image.Image, path: Path, info: dict) -> None:
 def main(args: argparse.Namespace) -> dict:
     """Generate; returns {"images": [paths], "grid": path or None}."""
     if args.demo:
-        args.pretrained_model_name_or_path = args.pretrained_model_name_or_path or str(
-            write_tiny_pipeline(Path(args.output_dir) / "tiny-sdxl"))
-        args.prompt = args.prompt or ["a red circle on a blue square"]
-        if (args.width, args.height) == (1024, 1024):
-            args.width = args.height = 64
-        args.steps = min(args.steps, 10)
+        apply_demo_defaults(args)
     check_args(args)
     specs = [parse_lora_spec(s) for s in args.lora]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -32,7 +32,8 @@ from .config import ConfigError, UNetConfig
 from .unet import UNet
 
 LATENT_SCALE = 0.13025  # SDXL VAE latents are multiplied by this (SD 1.5 used 0.18215)
-DEFAULT_REPO = "stabilityai/stable-diffusion-xl-base-1.0"  # where tokenizers come from for a single file
+# A single file holds no tokenizers; SDXL's two are CLIP's BPE vocabulary, shipped in minsdxl/clip_tokenizer/.
+CLIP_TOKENIZER_DIR = Path(__file__).parent / "clip_tokenizer"
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 CONFIG_METADATA_KEY = "minsdxl.configs"  # JSON {"unet": ..., "text_encoder": ..., ...} in our tiny single files
 
@@ -471,12 +472,14 @@ def text_encoder_module_name(path: str) -> str:
 
 
 def load_tokenizers(source: str | os.PathLike):
-    """(tokenizer, tokenizer_2) from a pipeline folder or repo id; a single file has none, so the
-    official ones are fetched from the SDXL base repo (or the cache)."""
+    """(tokenizer, tokenizer_2) from a pipeline folder or repo id. A single file has none, so it gets
+    the official two from the files shipped with minsdxl, without any network access."""
     from transformers import CLIPTokenizer
     source = str(source)
     if Path(source).is_file():
-        source = DEFAULT_REPO
+        # Tokenizer 2 pads with "!", id 0: SDXL was trained with open_clip.tokenize, which pads with zeros.
+        return (CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR)),
+                CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR), pad_token="!"))
     out = []
     for sub in ("tokenizer", "tokenizer_2"):
         folder = _component_dir(source, sub, ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"], None)

@@ -92,16 +92,21 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     cfg = UNetConfig.sdxl_base() if args.config == "sdxl_base" else UNetConfig.tiny()
     resolution = args.resolution or (1024 if args.config == "sdxl_base" else 64)
-    if resolution % 64:
-        p.error(f"--resolution {resolution} must be a multiple of 64 (the VAE's 8 x the UNet's three 2x downsamplings)")
+    if resolution % LATENT_FACTOR or resolution <= 0:
+        p.error(f"--resolution {resolution} must be a positive multiple of {LATENT_FACTOR} (the VAE's factor: one "
+                f"latent position per {LATENT_FACTOR}x{LATENT_FACTOR} pixels)")
     # The tiny model runs for real on the CPU (it is small); the full one on the meta device.
     steps = trace(cfg, resolution, device="cpu" if args.config == "tiny" else "meta")
     if args.markdown:
         print(markdown(steps))
         return
     total = 0
-    print(f"UNet {args.config} at {resolution}x{resolution} pixels = {resolution // LATENT_FACTOR}x"
-          f"{resolution // LATENT_FACTOR} latents, batch 1")
+    side = resolution // LATENT_FACTOR
+    print(f"UNet {args.config} at {resolution}x{resolution} pixels = {side}x{side} latents, batch 1")
+    down = 2 ** (len(cfg.block_out_channels) - 1)  # 2x per level but the last: SDXL's 3 levels, 128 -> 64 -> 32
+    if side % down:
+        print(f"note: {side} latents is not a multiple of {down} ({LATENT_FACTOR * down} pixels): a "
+              f"downsampler rounds an odd side up, and its upsampler resizes back to the skip's size")
     for i, s in enumerate(steps):
         total += s.params
         print(f"{i:3d} {s.path:<36} {s.kind:<20} {str(s.input_shape):<22} -> {str(s.output_shape):<22} "

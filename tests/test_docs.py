@@ -15,7 +15,7 @@ from minsdxl import UNetConfig
 from minsdxl.inspect import summarize
 from minsdxl.memory import training_budget
 from minsdxl.tiny import write_single_file, write_tiny_pipeline
-from minsdxl.trace import trace
+from minsdxl.trace import main as trace_main, trace
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted((ROOT / "docs").glob("*.md"))
@@ -75,6 +75,16 @@ def test_trace_of_the_full_model():
     assert "1024 tokens" in mid[1].conditioning and "77" in mid[1].conditioning
     assert steps[-1].output_shape == (1, 4, 128, 128)
     assert sum(s.kind == "Transformer2DModel" for s in steps) == 11  # 2 + 2 down, 1 mid, 3 + 3 up
+
+
+def test_trace_takes_any_multiple_of_8(capsys):
+    trace_main(["--config", "tiny", "--resolution", "72"])  # 9 latents: odd on the way down, resized on the way up
+    out = capsys.readouterr().out
+    assert "9x9 latents" in out and "not a multiple of 4 (32 pixels)" in out
+    assert "(1, 4, 9, 9)" in out.splitlines()[-2]  # conv_out gives back the input's latent size
+    with pytest.raises(SystemExit):
+        trace_main(["--config", "tiny", "--resolution", "100"])
+    assert "multiple of 8 (the VAE's factor" in capsys.readouterr().err
 
 
 def test_memory_budget_adds_up():

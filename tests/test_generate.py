@@ -2,6 +2,13 @@
 applied (scaled, merged, several), the comparison grid, NaN detection and clear errors."""
 
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -184,3 +191,55 @@ def test_bad_input_gets_a_clear_error(tiny_dir, tmp_path):
 def test_demo_runs(tmp_path):
     result = sample.main(sample.parse_args(["--demo", "--output_dir", str(tmp_path), "--steps", "2"]))
     assert Image.open(result["images"][0]).size == (64, 64)
+
+
+def test_demo_keeps_the_flags_given_and_the_png_says_what_ran(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: ran.append(k) or generate(*a, **k))
+    result = sample.main(sample.parse_args(["--demo", "--output_dir", str(tmp_path), "--steps", "12",
+                                            "--height", "128", "--seed", "7"]))
+    assert [(k["steps"], k["width"], k["height"], k["device"]) for k in ran] == [(12, 64, 128, torch.device("cpu"))]
+    text = Image.open(result["images"][0]).text
+    assert "Steps: 12," in text["parameters"] and "Size: 64x128" in text["parameters"] and "Seed: 7" in text["parameters"]
+    assert json.loads(text["minsdxl"])["steps"] == 12
+
+
+def test_help_keeps_the_example_and_shows_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    assert "stable-diffusion-xl-base-1.0 \\\n        --prompt" in help_text  # the example's line break survives
+    assert "(default: 30)" in help_text and "(default: fp32)" in help_text
+    assert "(default: None)" not in help_text and "(default: False)" not in help_text
+    assert not re.search(r"\(default[^)]*\)\s*\(default", " ".join(help_text.split()))  # never twice in a row
+
+
+def test_the_wheel_installs_commands_not_top_level_train_and_sample(tmp_path):
+    """pip installs train.py and sample.py as minsdxl_scripts.* behind the commands minsdxl-train and
+    minsdxl-sample, with the tokenizer files; no module named plain `train` or `sample`. Built from a
+    copy of the sources, so the repository stays clean."""
+    pytest.importorskip("setuptools", minversion="68")  # pyproject's build requirement
+    root = Path(sample.__file__).parent
+    src = tmp_path / "src"
+    for name in ("minsdxl", "lora"):
+        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "train.py", "sample.py"):
+        shutil.copy(root / name, src / name)
+    build = f"from setuptools import build_meta; print(build_meta.build_wheel({str(tmp_path)!r}))"
+    built = subprocess.run([sys.executable, "-c", build], cwd=src, capture_output=True, text=True, check=True)
+    wheel = zipfile.ZipFile(tmp_path / built.stdout.split()[-1])
+    names = set(wheel.namelist())
+    assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"minsdxl", "lora", "minsdxl_scripts"}
+    assert {"minsdxl_scripts/train.py", "minsdxl_scripts/sample.py", "minsdxl/clip_tokenizer/vocab.json",
+            "minsdxl/clip_tokenizer/merges.txt", "minsdxl/clip_tokenizer/tokenizer_config.json",
+            "minsdxl/clip_tokenizer/LICENSE"} <= names
+    entry_points = wheel.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+    assert "minsdxl-train = minsdxl.cli:train" in entry_points and "minsdxl-sample = minsdxl.cli:sample" in entry_points
+    # Installed (a pure wheel is a zip to unpack) and run outside the repository: the command is sample.py.
+    site = tmp_path / "site"
+    wheel.extractall(site)
+    run = (f"import sys, minsdxl; assert minsdxl.__file__.startswith({str(site)!r}); "
+           "sys.argv = ['minsdxl-sample', '--help']; from minsdxl.cli import sample; sample()")
+    result = subprocess.run([sys.executable, "-c", run], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(site)})
+    assert result.returncode == 0 and result.stdout.startswith("usage: sample.py"), result.stderr[-2000:]

@@ -127,6 +127,51 @@ def test_single_file_fp16_loads_every_component(tiny, tmp_path):
     oracle = convert_ldm_vae_checkpoint(sd, json.loads((root / "vae/config.json").read_text()))
     assert all(torch.equal(oracle[k].float(), vae.state_dict()[k]) for k in oracle)
 
+# Token ids checked against open_clip's SimpleTokenizer (CLIP's reference tokenizer) on these prompts.
+CLIP_IDS = {
+    "a photo of a cat": [49406, 320, 1125, 539, 320, 2368, 49407],
+    "A corgi, wearing sunglasses; 8k": [49406, 320, 31320, 267, 3309, 12906, 282, 279, 330, 49407],
+    "café in 東京": [49406, 15304, 530, 48338, 21078, 361, 49407],
+}
+
+
+def test_single_file_tokenizers_need_no_network(tiny, tmp_path, monkeypatch):
+    import socket
+
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a single file's tokenizers must not touch the network")
+
+    path = tmp_path / "sd_xl_tiny.safetensors"
+    write_single_file(tiny[0], path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    tok1, tok2 = load_tokenizers(path)
+    for tok, pad in ((tok1, "<|endoftext|>"), (tok2, "!")):
+        assert (tok.model_max_length, tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token) == \
+               (77, "<|startoftext|>", "<|endoftext|>", "<|endoftext|>", pad)
+        ids = tok(["a photo of a cat"], padding="max_length", max_length=77, truncation=True).input_ids[0]
+        assert ids == CLIP_IDS["a photo of a cat"] + [tok.pad_token_id] * 70
+    assert (tok1.pad_token_id, tok2.pad_token_id) == (49407, 0)
+
+
+def test_shipped_tokenizers_give_clips_ids(tmp_path):
+    path = tmp_path / "any.safetensors"
+    path.write_bytes(b"")  # load_tokenizers only asks whether the source is a file
+    tok1, tok2 = load_tokenizers(path)
+    assert len(tok1) == len(tok2) == 49408
+    for prompt, ids in CLIP_IDS.items():
+        assert tok1(prompt).input_ids == tok2(prompt).input_ids == ids, prompt
+    # As in the official tokenizer_2, its pad token "!" is a special token: "wow!" reads it as id 0.
+    assert tok1("wow!").input_ids == [49406, 2781, 256, 49407]
+    assert tok2("wow!").input_ids == [49406, 2781, 0, 49407]
+    long = tok1("a dog " * 60, max_length=77, truncation=True).input_ids  # 120 words: cut to 75 + bos and eos
+    assert len(long) == 77 and long[:3] == [49406, 320, 1929] and long[-1] == 49407
+
+
 
 def test_bare_sgm_unet_without_config_infers_it(tmp_path):
     # A config following SDXL's conventions (head dim 64, 32 groups, 6 x 256 time features) loads
