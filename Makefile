@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) train.py --demo --output_dir out/demo
+	$(PY) train.py --demo --output_dir out/demo --overwrite_output_dir
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -12,6 +12,12 @@ The text -> latents -> image steps are in `minsdxl/generate.py`, the samplers in
 
 from __future__ import annotations
 
+import os
+
+# transformers' notices about optional packages we do not use (torchvision image processors, imported
+# with diffusers' pipelines) are not ours to report; set TRANSFORMERS_VERBOSITY=warning to see them.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
 import argparse
 import json
 from pathlib import Path

@@ -16,12 +16,17 @@ autocast. `python train.py --demo` runs all of it on a tiny random SDXL on the C
 
 from __future__ import annotations
 
+import os
+
+# transformers' notices about optional packages we do not use (torchvision image processors, imported
+# with diffusers' pipelines) are not ours to report; set TRANSFORMERS_VERBOSITY=warning to see them.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
 import argparse
 import contextlib
 import hashlib
 import json
 import math
-import os
 import resource
 import signal
 import sys
@@ -31,17 +36,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 import lora
+from lora.files import write_safetensors
+from minsdxl.cli import HelpFormatter
 from minsdxl.data import BucketBatchSampler, DataError, Dataset, drop_caption, make_demo_dataset, seeded_generator
 from minsdxl.generate import Models, compare_grid, decode, generate
 from minsdxl.loading import LATENT_SCALE, LoadError, encode_text, load_text_encoders, load_tokenizers, load_unet, load_vae
 from minsdxl.lora_files import LORA_TARGET_PRESETS, TEXT_ENCODER_TARGETS, save_sdxl_lora
 from minsdxl.schedule import NoiseSchedule
 from minsdxl.tiny import write_tiny_pipeline
-from minsdxl.train_state import CheckpointError, find_latest, load_checkpoint, restore_rng, save_checkpoint
+from minsdxl.train_state import (CheckpointError, clear_run, load_checkpoint, load_latest_intact, previous_run, remove_leftovers,
+                                 restore_rng, save_checkpoint)
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
 
@@ -56,12 +64,25 @@ class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to do."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM where nothing is left to save (before training starts, or a second signal)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def fail(msg: str):
+    """Stop with a one-line error that says what to do (no traceback)."""
+    raise SystemExit(f"train.py: error: {msg}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     a = p.add_argument
     a("--config", help="a TOML file of flags (flag names without --, e.g. rank = 16); the command line overrides it")
     # Model
@@ -139,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int)
     a("--resume_from_checkpoint", help="'latest' or a checkpoint folder")
+    a("--overwrite_output_dir", action="store_true",
+      help="start again in an --output_dir that holds a previous run (its checkpoints, metrics and LoRA files are deleted)")
     a("--logging_dir", default="logs", help="tensorboard: event files go to output_dir/logging_dir")
     a("--report_to", default="none", choices=["none", "tensorboard", "wandb", "all"],
       help="also log to tensorboard or wandb (optional extras); metrics.jsonl and loss.png are always written")
@@ -216,8 +239,7 @@ def apply_demo_defaults(args: argparse.Namespace) -> None:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    def fail(msg):
-        raise SystemExit(f"train.py: error: {msg}")
+    """Everything that can be checked from the flags alone, before anything is loaded."""
     for flag, what in NOT_SUPPORTED_YET.items():
         if getattr(args, flag):
             fail(f"--{flag} ({what}) is not supported yet in minsdxl; remove the flag.")
@@ -247,6 +269,8 @@ def check_args(args: argparse.Namespace) -> None:
         args.cache_text_embeddings = False
     if args.validation_steps is not None and args.validation_steps < 1:
         fail("--validation_steps must be at least 1.")
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        fail("--overwrite_output_dir starts the run again and --resume_from_checkpoint goes on with it: pass one.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +374,7 @@ class Cache:
             value = compute()
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            save_file(value, str(tmp))
+            write_safetensors(value, tmp)
             os.replace(tmp, path)  # a killed run never leaves a half-written entry
         self.mem[key] = value
         return value
@@ -375,6 +399,24 @@ def memory_plan(unet, vae, text_encoders, trainable, cache_latents, cache_text) 
     if not cache_text:
         lines.append(f"  text encoders         {sum(nbytes(t) for t in text_encoders):>14,d} bytes")
     return "\n".join(lines)
+
+
+def read_metrics(path: Path, log) -> list[dict]:
+    """The records of metrics.jsonl. A line that is not JSON (the last one, cut by a kill or a full
+    disk, usually) is dropped with a warning naming the file and the line."""
+    records = []
+    if not path.is_file():
+        return records
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError("not a metrics record")
+        except ValueError:
+            log(f"warning: {path}, line {number}: not a complete record ({line[:60]!r}); dropped")
+            continue
+        records.append(record)
+    return records
 
 
 def save_loss_plot(losses: list[float], path: Path) -> None:
@@ -468,27 +510,33 @@ def optional_import(module: str, what: str, install: str):
         raise SystemExit(f"train.py: error: {what} needs the '{module}' package, which is not installed: {install}") from None
 
 
-def make_optimizer(args: argparse.Namespace, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
-    """groups: [{"params": [...], "lr": ...}]; each group remembers its base lr for the schedule."""
+def make_optimizer(args: argparse.Namespace, groups: list[dict], device: torch.device,
+                   check_only: bool = False) -> torch.optim.Optimizer | None:
+    """groups: [{"params": [...], "lr": ...}]; each group remembers its base lr for the schedule.
+    check_only: stop now if the optimizer cannot run here (device, missing package); build nothing."""
     for g in groups:
         g["base_lr"] = g["lr"]
     betas, wd, eps = (args.adam_beta1, args.adam_beta2), args.adam_weight_decay, args.adam_epsilon
     if args.optimizer == "adamw":
-        return torch.optim.AdamW(groups, betas=betas, weight_decay=wd, eps=eps)
+        return None if check_only else torch.optim.AdamW(groups, betas=betas, weight_decay=wd, eps=eps)
     if args.optimizer == "adamw8bit":  # optimizer state in 8 bits: 2 bytes per parameter instead of 8
         if device.type != "cuda":
-            raise SystemExit(f"train.py: error: --optimizer adamw8bit (bitsandbytes) runs on CUDA GPUs only, not on "
-                             f"{device.type}; use --optimizer adamw or adafactor here.")
+            fail(f"--optimizer adamw8bit / --use_8bit_adam (bitsandbytes) runs on CUDA GPUs only, not on "
+                 f"{device.type}; use --optimizer adamw or adafactor here.")
         bnb = optional_import("bitsandbytes", "8-bit AdamW", "pip install 'minsdxl[bnb]' (or: pip install bitsandbytes)")
-        return bnb.optim.AdamW8bit(groups, betas=betas, weight_decay=wd, eps=eps)
+        return None if check_only else bnb.optim.AdamW8bit(groups, betas=betas, weight_decay=wd, eps=eps)
     if args.optimizer == "prodigy":  # learns its own step size: the lr is a multiplier, usually 1.0
         prodigyopt = optional_import("prodigyopt", "the Prodigy optimizer", "pip install 'minsdxl[prodigy]' (or: pip install prodigyopt)")
+        if check_only:
+            return None
         if args.learning_rate < 0.1:
             print(f"note: Prodigy estimates the step size itself; --learning_rate {args.learning_rate} scales it down "
                   f"(the usual value is 1.0).")
         return prodigyopt.Prodigy(groups, betas=betas, weight_decay=wd, d_coef=args.prodigy_d_coef,
                                   use_bias_correction=True, safeguard_warmup=True)
     from transformers.optimization import Adafactor  # factored second moments: less state than Adam
+    if check_only:
+        return None
     return Adafactor(groups, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=wd)
 
 
@@ -546,8 +594,10 @@ class Reporter:
             self.wandb.finish()
 
 
-def validation_images(unet, vae, text_encoders, tokenizers, args, device, weight_dtype, seeds: list[int]) -> list:
-    """One image per seed of --validation_prompt with the UNet as it is now, through minsdxl.generate.
+def validation_images(unet, vae, text_encoders, tokenizers, args, device, weight_dtype, seeds: list[int],
+                      stopping=lambda: False) -> list:
+    """One image per seed of --validation_prompt with the UNet as it is now, through minsdxl.generate;
+    fewer once `stopping()` is true (a stop is not kept waiting for the remaining images).
 
     The UNet and its adapters stay where they are; the VAE and text encoders come to the device only for
     this (they live on the CPU when their outputs are cached) and go back after."""
@@ -561,6 +611,8 @@ def validation_images(unet, vae, text_encoders, tokenizers, args, device, weight
     images = []
     try:
         for seed in seeds:
+            if stopping():
+                break
             with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
                 latents = generate(models, [args.validation_prompt], steps=args.validation_inference_steps,
                                    seed=seed, width=args.resolution, height=args.resolution, device=device,
@@ -574,6 +626,154 @@ def validation_images(unet, vae, text_encoders, tokenizers, args, device, weight
         if device.type == "cuda":
             torch.cuda.empty_cache()  # give the validation memory back before training goes on
     return images
+
+
+# ---------------------------------------------------------------------------------------------
+# The output folder, resuming and signals: all checked before any model is loaded
+# ---------------------------------------------------------------------------------------------
+
+# At resume, flags that may differ from the checkpoint's run: they take effect from the resumed step
+# on (the learning rate and schedule are read every step, the loss weighting and dropouts too).
+CHANGEABLE_ON_RESUME = {
+    "learning_rate", "text_encoder_lr", "scale_lr", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power",
+    "max_train_steps", "num_train_epochs", "max_grad_norm", "snr_gamma", "noise_offset", "caption_dropout",
+    "lora_dropout", "rank_dropout", "module_dropout", "gradient_checkpointing", "checkpointing_steps",
+    "checkpoints_total_limit", "validation_prompt", "num_validation_images", "validation_epochs", "validation_steps",
+    "validation_inference_steps", "debug_loss",
+}
+# Flags that do not change what is computed: where files go, how it is logged, where it runs.
+NOT_PART_OF_THE_RUN = {
+    "config", "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logging_dir", "report_to", "device",
+    "local_rank", "dataloader_num_workers", "enable_xformers_memory_efficient_attention", "cache_dir", "allow_tf32",
+    "ema_on_cpu", "demo", "push_to_hub", "hub_token", "hub_model_id",
+}
+
+
+def check_output_dir(out: Path) -> None:
+    """--output_dir is a folder we can write to (made if needed)."""
+    if out.exists() and not out.is_dir():
+        fail(f"--output_dir {out} is a file, not a folder; pass a folder (it is created if needed).")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        fail(f"--output_dir {out} cannot be written to ({e.strerror or e}); pass a folder you can write to.")
+
+
+def guard_previous_run(args: argparse.Namespace, out: Path, ddp: "Distributed", log) -> None:
+    """A fresh run never overwrites a previous run's results without being told to."""
+    found = previous_run(out)
+    if found and not args.resume_from_checkpoint and not args.overwrite_output_dir:
+        fail(f"--output_dir {out} holds a previous run ({'; '.join(found)}). Add --resume_from_checkpoint latest "
+             f"to go on with it, --overwrite_output_dir to start again there (deleting its results), or pass "
+             f"another --output_dir.")
+    ddp.barrier()  # every rank has looked before rank 0 changes anything
+    if ddp.main:
+        if found and args.overwrite_output_dir:
+            clear_run(out, args.logging_dir)
+            log(f"--overwrite_output_dir: deleted the previous run in {out} ({'; '.join(found)})")
+        for leftover in remove_leftovers(out):
+            log(f"removed {leftover.name}: an unfinished checkpoint write of a run that was killed")
+    ddp.barrier()
+
+
+def find_checkpoint(args: argparse.Namespace, out: Path, log):
+    """The checkpoint to resume from, read and checked: (path, state, adapters, optimizer_sd, rng), or
+    None to start from step 0. With 'latest', a damaged newest checkpoint is skipped, saying so."""
+    if args.resume_from_checkpoint == "latest":
+        path, loaded, skipped = load_latest_intact(out)
+        for _, why in skipped:
+            log(f"warning: {why}")
+        if path is None:
+            if previous_run(out):
+                fail(f"--resume_from_checkpoint latest: {out} holds a previous run ({'; '.join(previous_run(out))}) "
+                     f"but no intact checkpoint to resume from. Pass --overwrite_output_dir instead to start "
+                     f"again there, or another --output_dir.")
+            log(f"no checkpoint in {out}: starting from step 0")
+            return None
+        if skipped:
+            log(f"resuming from {path.name}, the newest intact checkpoint")
+    else:
+        path = Path(args.resume_from_checkpoint)
+        try:
+            loaded = load_checkpoint(path)
+        except CheckpointError as e:
+            fail(str(e))
+    compare_resumed_flags(args, loaded[0], path, log)
+    return (path, *loaded)
+
+
+def compare_resumed_flags(args: argparse.Namespace, state: dict, path: Path, log) -> None:
+    """Flags that differ from the checkpoint's run: those that can change are applied, one line each;
+    those that shape the adapters, the data or the randomness are refused, by name."""
+    saved = state.get("args")
+    if saved is None:
+        log(f"note: {path} records no flags (an older checkpoint): this run's flags are not compared with it")
+        return
+    ignored = NOT_PART_OF_THE_RUN | ({"pretrained_model_name_or_path", "train_data_dir"} if args.demo else set())
+    # (--demo's model and data live inside the output folder, which may have moved)
+    changed = {k: (saved[k], v) for k, v in vars(args).items()
+               if not k.startswith("_") and k in saved and saved[k] != v and k not in ignored}
+    refused = {k: c for k, c in changed.items() if k not in CHANGEABLE_ON_RESUME}
+    if refused:
+        fail(f"{path} was written by a run with other " + ", ".join(
+            f"--{k} {old!r} (now {new!r})" for k, (old, new) in refused.items()) +
+            ". These shape the adapters, the data or the randomness and cannot change on resume: pass the run's own "
+            "values (its config.toml has them), or start a new run in another --output_dir.")
+    for k, (old, new) in changed.items():
+        log(f"resume: --{k} changed from {old!r} to {new!r}; applied from step {state['step']} on")
+
+
+def check_adapters_fit(path: Path, adapters: dict[str, torch.Tensor], trainable: dict[str, torch.Tensor]) -> None:
+    """The checkpoint's adapters are exactly this run's trainable tensors, by name and shape."""
+    names = sorted(set(adapters) ^ set(trainable))
+    shapes = [f"{n}: checkpoint {tuple(adapters[n].shape)}, this run {tuple(trainable[n].shape)}"
+              for n in sorted(set(adapters) & set(trainable)) if adapters[n].shape != trainable[n].shape]
+    if names or shapes:
+        fail(f"{path} holds adapters that do not fit this run's LoRA layers ({len(names)} names differ, e.g. "
+             f"{names[:3]}; {len(shapes)} shapes differ, e.g. {shapes[:3]}). --rank, --lora_targets, --conv_rank, "
+             f"--use_dora and --train_text_encoder must be those of the run that wrote it (its config.toml has them).")
+
+
+def check_lora_targets(args: argparse.Namespace, log) -> None:
+    """--lora_targets against the model's own UNet, built on the meta device from its config and file
+    header (no weights read): a pattern that matches nothing is named now, not after loading."""
+    try:
+        probe = load_unet(args.pretrained_model_name_or_path, device="meta", variant=args.variant,
+                          revision=args.revision, cache_dir=args.cache_dir)
+        report = lora.inject(probe, lora_targets(args.lora_targets), rank=args.rank, conv_rank=args.conv_rank,
+                             dora=args.use_dora, dtype=torch.float32)
+    except LoadError as e:
+        fail(str(e))
+    except lora.LoRAError as e:
+        fail(f"--lora_targets {args.lora_targets!r}: {e}")
+    if report.unmatched_patterns:
+        log(f"warning: --lora_targets patterns that match no layer of this UNet: {report.unmatched_patterns} "
+            f"(the others adapt {report.wrapped} layers); `python -m minsdxl.lora_files` lists the layer names")
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM. Before training starts there is nothing to save: stop at once. During
+    training the first signal stops the run after the current optimizer step, which saves a checkpoint
+    and the LoRA files; a second one quits at once. Either way the exit code is 128 + the signal number
+    (130 for Ctrl-C, 143 for SIGTERM), as shells expect."""
+
+    def __init__(self, log):
+        self.signum, self.training, self.log = None, False, log
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, _frame):
+        if not self.training or self.signum is not None:
+            raise Interrupted(signum)
+        self.signum = signum
+        self.log(f"\n{signal.Signals(signum).name}: stopping after this step (a checkpoint and the LoRA files will be "
+                 f"saved); press Ctrl-C again to quit now", flush=True)
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,6 +792,17 @@ def main(args: argparse.Namespace) -> dict:
 
 def train(args: argparse.Namespace, ddp: Distributed) -> dict:
     log = print if ddp.main else (lambda *a, **k: None)
+    stop = StopRequest(log)  # from here on, a signal gives a clean exit, never a traceback
+    try:
+        return run(args, ddp, log, stop)
+    finally:
+        stop.restore()
+
+
+def run(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) -> dict:
+    # 0. Everything that can be checked before loading a model: flags, the output folder, the checkpoint.
+    out = Path(args.output_dir)
+    check_output_dir(out)
     if args.demo:
         if ddp.main:
             apply_demo_defaults(args)  # writes the tiny model and data once ...
@@ -599,14 +810,16 @@ def train(args: argparse.Namespace, ddp: Distributed) -> dict:
         if not ddp.main:
             apply_demo_defaults(args)  # ... and the other ranks find them
     check_args(args)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    guard_previous_run(args, out, ddp, log)
+    device = ddp.device(args.device)
+    make_optimizer(args, [], device, check_only=True)  # 8-bit AdamW off CUDA, a missing optional package
+    weight_dtype = pick_precision(args, device)
+    resume = find_checkpoint(args, out, log) if args.resume_from_checkpoint else None
+    check_lora_targets(args, log)
     if ddp.main:
         write_config(args, out / "config.toml")  # the resolved flags: `--config out/config.toml` repeats the run
     reporter = Reporter(args.report_to if ddp.main else "none", out, args)
     started = time.perf_counter()
-    device = ddp.device(args.device)
-    weight_dtype = pick_precision(args, device)
     if args.allow_tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     seed = 0 if args.seed is None else args.seed
@@ -615,10 +828,15 @@ def train(args: argparse.Namespace, ddp: Distributed) -> dict:
 
     # 1. Models: frozen UNet in weight_dtype on the device; VAE and text encoders for encoding.
     try:
-        unet = load_unet(args.pretrained_model_name_or_path, dtype=weight_dtype, device=device, variant=args.variant)
-        text_encoders = load_text_encoders(args.pretrained_model_name_or_path, dtype=torch.float32, device=device, variant=args.variant)
-        tokenizers = load_tokenizers(args.pretrained_model_name_or_path)
-        vae = load_vae(args.pretrained_vae_model_name_or_path or args.pretrained_model_name_or_path, dtype=torch.float32, device=device)
+        hub = dict(revision=args.revision, cache_dir=args.cache_dir)  # for Hub repo ids
+        unet = load_unet(args.pretrained_model_name_or_path, dtype=weight_dtype, device=device, variant=args.variant, **hub)
+        text_encoders = load_text_encoders(args.pretrained_model_name_or_path, dtype=torch.float32, device=device,
+                                           variant=args.variant, **hub)
+        tokenizers = load_tokenizers(args.pretrained_model_name_or_path, **hub)
+        # (the separate VAE is another repo: the model's revision is not its, as in diffusers' script)
+        vae_source = args.pretrained_vae_model_name_or_path or args.pretrained_model_name_or_path
+        vae = load_vae(vae_source, dtype=torch.float32, device=device, cache_dir=args.cache_dir,
+                       revision=None if args.pretrained_vae_model_name_or_path else args.revision)
     except LoadError as e:
         raise SystemExit(f"train.py: error: {e}") from None
     prediction_type = args.prediction_type or "epsilon"
@@ -647,9 +865,11 @@ def train(args: argparse.Namespace, ddp: Distributed) -> dict:
         dataset = Dataset(dataset_name=args.dataset_name, train_data_dir=args.train_data_dir,
                           image_column=args.image_column, caption_column=args.caption_column,
                           resolution=args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,
-                          bucketing=args.bucketing, max_train_samples=args.max_train_samples, seed=seed)
+                          bucketing=args.bucketing, max_train_samples=args.max_train_samples, seed=seed,
+                          dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir)
     except DataError as e:
         raise SystemExit(f"train.py: error: {e}") from None
+    log(dataset.report())
     sampler = BucketBatchSampler(dataset.bucket_ids, args.train_batch_size, seed=seed, rank=ddp.rank, world_size=ddp.world)
     batches_per_epoch = sampler.batches_per_epoch
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
@@ -702,36 +922,29 @@ def train(args: argparse.Namespace, ddp: Distributed) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=weight_dtype == torch.float16)
     sched = NoiseSchedule()
     step, epoch, batches_done = 0, 0, 0
-    if args.resume_from_checkpoint:
-        ckpt = find_latest(out) if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint)
-        if ckpt is None:
-            log(f"no checkpoint in {out}: starting from step 0")
-        else:
-            try:
-                state, adapters, opt_sd, rng = load_checkpoint(ckpt)
-            except CheckpointError as e:
-                raise SystemExit(f"train.py: error: {e}") from None
-            ema_state = {k[4:]: adapters.pop(k) for k in list(adapters) if k.startswith("ema.")}
-            if set(adapters) != set(trainable_named):
-                raise SystemExit(f"train.py: error: {ckpt} holds adapters for other modules than this run's "
-                                 f"(--lora_targets/--rank must be those of the run that wrote it).")
-            with torch.no_grad():
-                for name, value in adapters.items():
-                    trainable_named[name].copy_(value)
-                if ema is not None:
-                    for name in ema.shadow:
-                        ema.shadow[name].copy_(ema_state.get(name, trainable_named[name]))
-            optimizer.load_state_dict(opt_sd)
-            if scaler.is_enabled() and state.get("grad_scaler"):
-                scaler.load_state_dict(state["grad_scaler"])  # fp16: the loss scale it had reached
-            restore_rng(rng, None)
-            # The data position is kept in global batches, so a run can resume on another number of processes.
-            step, epoch, global_done = state["step"], state["epoch"], state["batches_done"] * state.get("world_size", 1)
-            batches_done = global_done // ddp.world
-            if global_done % ddp.world:
-                log(f"note: {global_done} batches of this epoch were done by {state.get('world_size', 1)} processes; "
-                    f"with {ddp.world} the next {global_done % ddp.world} are seen twice.")
-            log(f"resumed from {ckpt} at step {step} (epoch {epoch}, batch {batches_done})")
+    if resume is not None:
+        ckpt, state, adapters, opt_sd, rng = resume
+        ema_state = {k[4:]: adapters.pop(k) for k in list(adapters) if k.startswith("ema.")}
+        check_adapters_fit(ckpt, adapters, trainable_named)
+        with torch.no_grad():
+            for name, value in adapters.items():
+                trainable_named[name].copy_(value)
+            if ema is not None:
+                for name in ema.shadow:
+                    ema.shadow[name].copy_(ema_state.get(name, trainable_named[name]))
+        optimizer.load_state_dict(opt_sd)
+        for group, fresh in zip(optimizer.param_groups, groups):
+            group["base_lr"] = fresh["base_lr"]  # this run's --learning_rate (the same unless changed)
+        if scaler.is_enabled() and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])  # fp16: the loss scale it had reached
+        restore_rng(rng, None)
+        # The data position is kept in global batches, so a run can resume on another number of processes.
+        step, epoch, global_done = state["step"], state["epoch"], state["batches_done"] * state.get("world_size", 1)
+        batches_done = global_done // ddp.world
+        if global_done % ddp.world:
+            log(f"note: {global_done} batches of this epoch were done by {state.get('world_size', 1)} processes; "
+                f"with {ddp.world} the next {global_done % ddp.world} are seen twice.")
+        log(f"resumed from {ckpt} at step {step} (epoch {epoch}, batch {batches_done})")
 
     def checkpoint():
         if not ddp.main:
@@ -741,15 +954,11 @@ def train(args: argparse.Namespace, ddp: Distributed) -> dict:
         path = save_checkpoint(out, step, tensors, optimizer, state, keep_last=args.checkpoints_total_limit)
         log(f"saved {path}")
 
-    # SIGINT/SIGTERM: finish the current optimizer step, save a checkpoint, exit cleanly.
-    stop = {"signal": None}
-    handlers = {s: signal.signal(s, lambda signum, _: stop.update(signal=signum)) for s in (signal.SIGINT, signal.SIGTERM)}
-
     # 6. Train (metrics of steps after the resumed one, from a run that went further, are dropped)
     metrics_path = out / "metrics.jsonl" if ddp.main else Path(os.devnull)
     if ddp.main:
-        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= step] if metrics_path.is_file() else []
-        metrics_path.write_text("".join(l + "\n" for l in kept))
+        kept = [r for r in read_metrics(metrics_path, log) if r["step"] <= step]
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     metrics = open(metrics_path, "a")
     per_image: dict[str, float] = {}
 
@@ -757,15 +966,24 @@ def train(args: argparse.Namespace, ddp: Distributed) -> dict:
     base_images: list = []
     seeds = [seed + i for i in range(args.num_validation_images)]
 
-    def validate(tag: str) -> Path:
-        images = lambda: validation_images(unet, vae, text_encoders, tokenizers, args, device, weight_dtype, seeds)
+    def validate(tag: str) -> Path | None:
+        """The validation grid at this step; None when a stop was asked for meanwhile (it is not waited for)."""
+        stopping = lambda: stop.signum is not None
+        images = lambda: validation_images(unet, vae, text_encoders, tokenizers, args, device, weight_dtype, seeds, stopping)
         if not base_images:  # the base model does not change: its images are made once, with the adapters off
             for model in adapted.values():
                 lora.set_scale(model, 0.0)
-            base_images.extend(images())
+            made = images()
             for model in adapted.values():
                 lora.set_scale(model, 1.0)
-        grid = compare_grid(base_images, images(), [f"seed {s}: {args.validation_prompt}" for s in seeds],
+            if stopping():
+                return None
+            base_images.extend(made)
+        lora_images = images()
+        if stopping():
+            log("validation skipped: stopping")
+            return None
+        grid = compare_grid(base_images, lora_images, [f"seed {s}: {args.validation_prompt}" for s in seeds],
                             ("base", f"LoRA, {tag}"))
         path = out / "validation" / f"{tag}.png"
         path.parent.mkdir(exist_ok=True)
@@ -782,6 +1000,8 @@ def train(args: argparse.Namespace, ddp: Distributed) -> dict:
     encoders_step = [ddp.wrap(te, device) for te in text_encoders] if args.train_text_encoder else text_encoders
     wrapped = [m for m in (unet_step, *encoders_step) if m is not unet and all(m is not te for te in text_encoders)]
     t_last, accum_loss, micro, stopping = time.perf_counter(), 0.0, 0, False
+    validated = {}  # step -> its validation grid
+    stop.training = True  # a signal now stops after the current optimizer step
     try:
         while step < total_steps and not stopping:
             sampler.set_epoch(epoch, skip_batches=batches_done)
@@ -866,9 +1086,9 @@ def train(args: argparse.Namespace, ddp: Distributed) -> dict:
                 if ddp.main and args.validation_prompt and (
                         step % args.validation_steps == 0 if args.validation_steps
                         else epoch_ended and epoch % args.validation_epochs == 0):
-                    validate(f"step-{step:06d}")  # the other processes wait at the next all-reduce
+                    validated[step] = validate(f"step-{step:06d}")  # the other processes wait at the next all-reduce
                     t_last = time.perf_counter()  # validation time is not training speed
-                stopping = ddp.any(stop["signal"] is not None)  # a signal to one process stops them all
+                stopping = ddp.any(stop.signum is not None)  # a signal to one process stops them all
                 if step % args.checkpointing_steps == 0 or stopping:
                     checkpoint()
                 if step >= total_steps or stopping:
@@ -876,26 +1096,30 @@ def train(args: argparse.Namespace, ddp: Distributed) -> dict:
     finally:
         progress.close()
         metrics.close()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    if stopping:
-        log(f"stopped by signal {stop['signal']} at step {step}; resume with --resume_from_checkpoint latest")
-        return {"step": step, "losses": losses, "stopped": True}
+    stop.training = False  # from here on a signal quits at once: what is left is writing files
     if not ddp.main:  # rank 0 writes the files
-        return {"step": step, "losses": losses, "stopped": False}
+        return {"step": step, "losses": losses, "stopped": stopping, "signal": stop.signum}
 
-    # 7. Save the LoRA in both formats people exchange (the EMA weights with --use_ema).
+    # 7. Save the LoRA in both formats people exchange (the EMA weights with --use_ema); a stopped run
+    # saves them too, from the step it reached, marked partial.
     if ema is not None:
         ema.copy_to(trainable_named)
     metadata = {"minsdxl.base_model": str(args.pretrained_model_name_or_path), "minsdxl.steps": str(step),
-                "minsdxl.resolution": str(args.resolution), "minsdxl.learning_rate": str(args.learning_rate)}
+                "minsdxl.resolution": str(args.resolution), "minsdxl.learning_rate": str(args.learning_rate),
+                "minsdxl.partial": str(stopping).lower()}
     files = [out / "pytorch_lora_weights.safetensors", out / "lora_kohya.safetensors"]
     tes = text_encoders if args.train_text_encoder else None
     save_sdxl_lora(unet, files[0], format="diffusers", text_encoders=tes, metadata=metadata)
     save_sdxl_lora(unet, files[1], format="kohya", text_encoders=tes, metadata=metadata)
+    if stopping:
+        log(f"stopped by {signal.Signals(stop.signum).name} at step {step} of {total_steps}: saved a checkpoint, and "
+            f"the LoRA of step {step} (marked partial) in {files[0].name} and {files[1].name}. Resume with "
+            f"--resume_from_checkpoint latest.")
+        return {"step": step, "losses": losses, "files": files, "stopped": True, "signal": stop.signum}
     if args.validation_prompt:
-        files.append(validate("final"))
-    all_losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        # The last step's grid, unless it was just made (the last step was also a validation step).
+        files.append(validated.get(step) or validate("final"))
+    all_losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl", log)]
     save_loss_plot(all_losses, out / "loss.png")
     files += [out / "loss.png", out / "metrics.jsonl", out / "config.toml"]
     reporter.close()
@@ -908,8 +1132,18 @@ def train(args: argparse.Namespace, ddp: Distributed) -> dict:
     return {"step": step, "losses": losses, "files": files, "stopped": False, "summary": summary}
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: the exit code is 0 when done, 128 + the signal when stopped (130 for Ctrl-C,
+    143 for SIGTERM), as shells expect; errors exit with their one-line message."""
     try:
-        main(parse_args())
+        result = main(parse_args(argv))
     except TrainingError as e:
         sys.exit(f"train.py: error: {e}")
+    except Interrupted as e:
+        print(f"\ntrain.py: stopped by {e}; nothing more was saved", file=sys.stderr)
+        return 128 + e.signum
+    return 128 + result["signal"] if result.get("stopped") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -14,6 +14,7 @@ metadata; `load_file` unfolds it when that metadata is there. Kohya files carry 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -26,6 +27,15 @@ from .layer import LoRALayer
 
 FORMAT_VERSION = "1"
 METADATA_KEY = "lora.adapters"  # JSON {name: {"rank", "alpha", "dora", "scale_folded"}}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with the file's permissions those of any new file (0666 less the umask):
+    safetensors 0.8 creates its files 0600, which another user or a container then cannot read."""
+    _save_safetensors(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _file_name(fmt: str, name: str, prefix: str) -> str:
@@ -78,7 +88,7 @@ def write(path, tensors: dict, adapters: dict, format: str, metadata: dict | Non
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    _save_safetensors({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    write_safetensors({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
     tmp.replace(path)  # never a half-written LoRA file under the final name
     return path
 

@@ -167,6 +167,8 @@ class TensorSource:
         """The tensor `name` converted to `dtype` (floating point tensors only) on `device`."""
         file_dtype = self._dtype(name)
         target = dtype if file_dtype.is_floating_point else file_dtype
+        if torch.device(device).type == "meta":  # shapes only: a model to inspect, no bytes read
+            return torch.empty(self.shapes[name], dtype=target, device="meta")
         if torch.device(device).type != "cpu":
             return self.get(name).to(device).to(target)  # convert on the device: fewer bytes cross the bus
         out = torch.empty(self.shapes[name], dtype=target)
@@ -292,14 +294,20 @@ def _is_repo_id(source: str) -> bool:
     return not os.path.exists(source) and source.count("/") == 1 and not source.startswith((".", "/"))
 
 
-def _download(repo: str, patterns: list[str], what: str) -> Path:
+def _download(repo: str, patterns: list[str], what: str, hub: dict | None = None) -> Path:
+    """The files of `repo` that match `patterns`, from the Hub or its cache. hub: `revision` (a branch,
+    tag or commit) and `cache_dir`, as diffusers' from_pretrained takes them."""
     from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(repo, allow_patterns=patterns))
+        return Path(snapshot_download(repo, allow_patterns=patterns, **(hub or {})))
     except Exception as e:  # offline, no such repo, gated, network
         raise LoadError(f"{repo}: could not fetch the {what} from the Hugging Face Hub ({type(e).__name__}: {e}). "
                         f"Check the repo id and your network or HF_TOKEN, or pass a local path. With "
                         f"HF_HUB_OFFLINE=1 only files already in the cache are used.") from None
+
+
+def _hub(revision: str | None, cache_dir: str | None) -> dict:
+    return {k: v for k, v in (("revision", revision), ("cache_dir", cache_dir)) if v is not None}
 
 
 def _weights_in(folder: Path, stem: str, variant: str | None) -> list[Path]:
@@ -319,11 +327,12 @@ def _weights_in(folder: Path, stem: str, variant: str | None) -> list[Path]:
                     f"found {sorted(p.name for p in folder.iterdir())[:10]}")
 
 
-def _component_dir(source: str, sub: str, files: list[str], variant: str | None) -> Path | None:
+def _component_dir(source: str, sub: str, files: list[str], variant: str | None, hub: dict | None = None) -> Path | None:
     """The folder of component `sub` for a pipeline folder or repo id, or None for a file source."""
     if _is_repo_id(source):
         stem = files[0].split(".")[0]
-        return _download(source, [f"{sub}/{f}" for f in files] + [f"{sub}/{stem}*.safetensors*", "model_index.json"], sub) / sub
+        patterns = [f"{sub}/{f}" for f in files] + [f"{sub}/{stem}*.safetensors*", "model_index.json"]
+        return _download(source, patterns, sub, hub) / sub
     p = Path(source)
     if p.is_dir():
         return p / sub if (p / sub).is_dir() else p
@@ -347,10 +356,12 @@ def _refuse_non_sdxl(names: set[str], shapes: dict, where: str) -> None:
                         f"cross-attention dim {ctx[0] if ctx else 'none'}, which looks like {guess}.")
 
 
-def load_unet(source: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu", variant: str | None = None) -> UNet:
-    """Our UNet with the weights of `source` (see the module docstring for the accepted sources)."""
+def load_unet(source: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu", variant: str | None = None,
+              revision: str | None = None, cache_dir: str | None = None) -> UNet:
+    """Our UNet with the weights of `source` (see the module docstring for the accepted sources);
+    `revision` and `cache_dir` are for Hub repo ids."""
     source = str(source)
-    folder = _component_dir(source, "unet", ["config.json"], variant)
+    folder = _component_dir(source, "unet", ["config.json"], variant, _hub(revision, cache_dir))
     config = None
     if folder is not None:
         files = _weights_in(folder, "diffusion_pytorch_model", variant)
@@ -410,13 +421,14 @@ class _Shape:
 
 # --- text encoders, tokenizers, VAE ---------------------------------------------------------------
 
-def load_text_encoders(source: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu", variant: str | None = None):
+def load_text_encoders(source: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu", variant: str | None = None,
+                       revision: str | None = None, cache_dir: str | None = None):
     """(CLIPTextModel, CLIPTextModelWithProjection) of SDXL, from a pipeline folder, repo id or single file."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     source = str(source)
     models = []
     for sub, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
-        folder = _component_dir(source, sub, ["config.json"], variant)
+        folder = _component_dir(source, sub, ["config.json"], variant, _hub(revision, cache_dir))
         if folder is None:
             break
         files = _weights_in(folder, "model", variant)
@@ -471,7 +483,7 @@ def text_encoder_module_name(path: str) -> str:
     return path if path.startswith(("text_model.", "text_projection")) else "text_model." + path
 
 
-def load_tokenizers(source: str | os.PathLike):
+def load_tokenizers(source: str | os.PathLike, revision: str | None = None, cache_dir: str | None = None):
     """(tokenizer, tokenizer_2) from a pipeline folder or repo id. A single file has none, so it gets
     the official two from the files shipped with minsdxl, without any network access."""
     from transformers import CLIPTokenizer
@@ -482,7 +494,8 @@ def load_tokenizers(source: str | os.PathLike):
                 CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR), pad_token="!"))
     out = []
     for sub in ("tokenizer", "tokenizer_2"):
-        folder = _component_dir(source, sub, ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"], None)
+        folder = _component_dir(source, sub, ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"], None,
+                                _hub(revision, cache_dir))
         try:
             out.append(CLIPTokenizer.from_pretrained(str(folder)))
         except Exception as e:
@@ -497,7 +510,8 @@ SDXL_VAE_CONFIG = {  # stabilityai/stable-diffusion-xl-base-1.0 vae/config.json
 }
 
 
-def load_vae(source: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu"):
+def load_vae(source: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu", revision: str | None = None,
+             cache_dir: str | None = None):
     """diffusers AutoencoderKL from a pipeline folder (vae/), a VAE folder or repo (the fp16-fix VAE),
     or a single file (`first_stage_model.*`, or a bare LDM VAE file)."""
     from diffusers import AutoencoderKL
@@ -505,7 +519,7 @@ def load_vae(source: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     source = str(source)
     if _is_repo_id(source):
         root = _download(source, ["config.json", "diffusion_pytorch_model*.safetensors", "vae/config.json",
-                                  "vae/diffusion_pytorch_model*.safetensors"], "VAE")
+                                  "vae/diffusion_pytorch_model*.safetensors"], "VAE", _hub(revision, cache_dir))
         source = str(root)
     p = Path(source)
     if p.is_dir():

@@ -87,7 +87,12 @@ def write_tiny_pipeline(directory: str | Path, seed: int = 0) -> Path:
     write_tokenizer_files(tmp / "tokenizer_2", pad_token="!")  # SDXL's second tokenizer pads with "!"
     pipe = StableDiffusionXLPipeline(tokenizer=CLIPTokenizer.from_pretrained(str(tmp / "tokenizer")),
                                      tokenizer_2=CLIPTokenizer.from_pretrained(str(tmp / "tokenizer_2")), **parts)
-    pipe.save_pretrained(str(directory), safe_serialization=True)
+    from transformers.utils import logging as transformers_logging
+    transformers_logging.disable_progress_bar()  # its "Writing model shards" bars say nothing about a tiny model
+    try:
+        pipe.save_pretrained(str(directory), safe_serialization=True)
+    finally:
+        transformers_logging.enable_progress_bar()
     for sub in ("tokenizer", "tokenizer_2"):  # keep our plain vocab files beside what save_pretrained wrote
         for f in (tmp / sub).iterdir():
             f.replace(directory / sub / f.name) if not (directory / sub / f.name).exists() else f.unlink()

@@ -5,9 +5,11 @@ A checkpoint is a folder `checkpoint-<step>/` holding
     optimizer.safetensors  the optimizer's tensors (Adam moments, step counts), by "<index>.<name>"
     rng.safetensors        the torch RNG states (CPU, CUDA, and the training-noise generator)
     state.json             step, epoch, data position, the optimizer's param groups, the fp16 loss scale, run arguments
-It is written under a temporary name and renamed into place, so a run killed mid-write never
-leaves a folder that `find_latest` would pick. Only safetensors and JSON are read back: a
-checkpoint cannot run code when it is loaded (torch.save pickles can).
+It is written under a temporary name (`.checkpoint-<step>.tmp-<pid>`), every file and the folder
+are flushed to the disk (fsync), and only then renamed into place, with the parent folder flushed
+too: a run killed mid-write, or a power cut, never leaves a folder that `find_latest` would pick.
+Only safetensors and JSON are read back: a checkpoint cannot run code when it is loaded (torch.save
+pickles can), and a damaged one is reported by file (`load_checkpoint`), never half-loaded.
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from lora.files import write_safetensors
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TEMPORARY_RE = re.compile(r"^\.checkpoint-\d+\.")  # a write that was killed before its rename
 MARKER = "state.json"  # written last inside the temporary folder
 
 
@@ -68,30 +73,62 @@ def restore_rng(states: dict[str, torch.Tensor], noise_generator: torch.Generato
         noise_generator.set_state(states["noise_generator"])
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's contents (a folder: its entries, i.e. names created or renamed in
+    it) from the OS cache to the disk. os.replace alone is atomic against a crash of the process, not
+    against a power cut: the rename can reach the disk before the data it points at."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(output_dir: str | Path, step: int, adapters: dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer, state: dict,
                     noise_generator: torch.Generator | None = None, keep_last: int | None = None) -> Path:
-    """Write `output_dir/checkpoint-<step>` atomically; then keep only the newest `keep_last`."""
+    """Write `output_dir/checkpoint-<step>` durably; then keep only the newest `keep_last` by step,
+    always including this one."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=output_dir))
+    # A plain mkdir (not tempfile.mkdtemp, which makes 0700 folders): the usual umask permissions.
+    tmp = output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in adapters.items()}, str(tmp / "adapters.safetensors"))
+        write_safetensors({k: v.detach().cpu().contiguous() for k, v in adapters.items()}, tmp / "adapters.safetensors")
         opt_tensors, param_groups = optimizer_to_tensors(optimizer)
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        save_file(rng_tensors(noise_generator), str(tmp / "rng.safetensors"))
+        write_safetensors(opt_tensors, tmp / "optimizer.safetensors")
+        write_safetensors(rng_tensors(noise_generator), tmp / "rng.safetensors")
         (tmp / MARKER).write_text(json.dumps({**state, "step": step, "param_groups": param_groups}, indent=2))
+        for f in tmp.iterdir():
+            fsync_path(f)
+        fsync_path(tmp)
         if final.exists():  # a re-run of the same step replaces it only once the new one is complete
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_path(output_dir)  # the rename itself
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     if keep_last:
-        for old in list_checkpoints(output_dir)[:-keep_last]:
+        for old in [p for p in list_checkpoints(output_dir) if p != final][: -(keep_last - 1) or None]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_leftovers(output_dir: str | Path) -> list[Path]:
+    """Delete the temporary folders of checkpoint writes that were killed before their rename (they
+    were never complete, so nothing is lost); return what was removed."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = sorted(p for p in output_dir.iterdir() if p.is_dir() and TEMPORARY_RE.match(p.name))
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True)
+    return found
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -110,12 +147,78 @@ def find_latest(output_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict, dict[str, torch.Tensor]]:
-    """(state, adapters, optimizer_state_dict, rng_states) from a checkpoint folder."""
+    """(state, adapters, optimizer_state_dict, rng_states) from a checkpoint folder. Every file is read
+    and checked before anything is returned; a missing or damaged one raises CheckpointError naming it."""
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder. Pass an existing checkpoint-<step> folder, "
+                              f"or 'latest'.")
     missing = [n for n in (MARKER, "adapters.safetensors", "optimizer.safetensors", "rng.safetensors") if not (path / n).is_file()]
     if missing:
         raise CheckpointError(f"{path} is not a complete minsdxl checkpoint: missing {', '.join(missing)}. "
                               f"Pass another --resume_from_checkpoint, or 'latest'.")
-    state = json.loads((path / MARKER).read_text())
-    optimizer_sd = optimizer_from_tensors(load_file(str(path / "optimizer.safetensors")), state.pop("param_groups"))
-    return state, load_file(str(path / "adapters.safetensors")), optimizer_sd, load_file(str(path / "rng.safetensors"))
+    try:
+        state = json.loads((path / MARKER).read_text())
+        param_groups = state.pop("param_groups")
+    except (ValueError, KeyError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / MARKER} is damaged ({type(e).__name__}: {e}); this checkpoint cannot "
+                              f"be resumed. Pass another --resume_from_checkpoint, or 'latest'.") from None
+    tensors = {}
+    for name in ("adapters", "optimizer", "rng"):
+        try:
+            tensors[name] = load_file(str(path / f"{name}.safetensors"))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path / (name + '.safetensors')} is damaged ({e}); this checkpoint cannot be "
+                                  f"resumed. Pass another --resume_from_checkpoint, or 'latest'.") from None
+    optimizer_sd = optimizer_from_tensors(tensors["optimizer"], param_groups)
+    return state, tensors["adapters"], optimizer_sd, tensors["rng"]
+
+
+def load_latest_intact(output_dir: str | Path):
+    """(path, load_checkpoint(path), [(skipped path, why)]) for the newest checkpoint of `output_dir` that
+    loads, newest first; (None, None, skipped) when none does (or there is none)."""
+    skipped = []
+    for path in reversed(list_checkpoints(output_dir)):
+        try:
+            return path, load_checkpoint(path), skipped
+        except CheckpointError as e:
+            skipped.append((path, str(e)))
+    return None, None, skipped
+
+
+# --- the run folder -------------------------------------------------------------------------------
+
+# What a training run writes into its output folder (besides checkpoints). The caches, which are keyed
+# by content, and the --demo model and data are inputs, not a run's results: they are kept.
+RUN_FILES = ("metrics.jsonl", "pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "summary.json",
+             "loss.png", "config.toml", "validation")
+
+
+def previous_run(output_dir: str | Path) -> list[str]:
+    """What a previous run left in `output_dir`, described for a message (empty: none). A config.toml
+    alone (a run that stopped while loading) is not a previous run."""
+    output_dir = Path(output_dir)
+    found = []
+    checkpoints = list_checkpoints(output_dir)
+    if checkpoints:
+        found.append(f"{len(checkpoints)} checkpoint(s), the newest {checkpoints[-1].name}")
+    metrics = output_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        found.append(f"metrics.jsonl ({sum(1 for line in metrics.open('rb') if line.strip())} steps)")
+    found += [name for name in RUN_FILES[1:4] if (output_dir / name).is_file()]
+    return found
+
+
+def clear_run(output_dir: str | Path, logging_dir: str | None = None) -> None:
+    """Delete a previous run's results from `output_dir` (--overwrite_output_dir): its checkpoints,
+    unfinished checkpoint writes, metrics, LoRA files, plots, validation images and logs."""
+    output_dir = Path(output_dir)
+    doomed = list_checkpoints(output_dir) + [output_dir / name for name in RUN_FILES]
+    doomed += [p for p in output_dir.iterdir() if p.is_dir() and (TEMPORARY_RE.match(p.name) or CHECKPOINT_RE.match(p.name))]
+    if logging_dir:
+        doomed.append(output_dir / logging_dir)
+    for p in doomed:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists():
+            p.unlink()

@@ -218,15 +218,21 @@ def test_hub_repo_id_downloads_only_what_is_needed(tiny, monkeypatch):
     root, pipe = tiny
     asked = []
 
-    def fake_snapshot_download(repo, allow_patterns):
-        asked.append((repo, allow_patterns))
+    def fake_snapshot_download(repo, allow_patterns, **options):
+        asked.append((repo, allow_patterns, options))
         return str(root)
 
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     assert_unet_matches(load_unet("someone/tiny-sdxl"), pipe.unet, "UNet from a Hub repo id")
-    repo, patterns = asked[0]
-    assert repo == "someone/tiny-sdxl" and all(p.startswith(("unet/", "model_index")) for p in patterns)
+    repo, patterns, options = asked[0]
+    assert repo == "someone/tiny-sdxl" and all(p.startswith(("unet/", "model_index")) for p in patterns) and options == {}
+    # train.py's --revision and --cache_dir reach every download, as diffusers' from_pretrained takes them
+    hub = dict(revision="v1.0", cache_dir="/somewhere")
+    asked.clear()
+    load_unet("someone/tiny-sdxl", **hub), load_text_encoders("someone/tiny-sdxl", **hub)
+    load_tokenizers("someone/tiny-sdxl", **hub), load_vae("someone/tiny-sdxl", **hub)
+    assert len(asked) == 6 and all(options == hub for _, _, options in asked)
 
 
 def test_hub_offline_without_cache_is_a_clear_error(monkeypatch, tmp_path):

@@ -133,11 +133,11 @@ def test_validation_images_and_training_unchanged(tmp_path):
            "--validation_inference_steps", "2")
     summary, out = run(tmp_path, "val", *val, steps=4)
     names = sorted(p.name for p in (out / "validation").glob("*.png"))
-    assert names == ["final.png", "step-000002.png", "step-000004.png"]
+    assert names == ["step-000002.png", "step-000004.png"]  # the last step's grid is not made twice
     grid = Image.open(out / "validation" / "step-000002.png")
     assert grid.size == (2 * 64, 20 + 2 * (64 + 16))  # 2 seeds; base | LoRA
     base = lambda p: Image.open(p).crop((0, 20, 64, grid.size[1])).tobytes()
-    assert base(out / "validation" / "step-000002.png") == base(out / "validation" / "final.png")
+    assert base(out / "validation" / "step-000002.png") == base(out / "validation" / "step-000004.png")
     _, plain = run(tmp_path, "plain", steps=4)
     assert losses(out) == losses(plain)  # validation draws no training randomness
 

@@ -90,23 +90,6 @@ def test_cached_and_uncached_training_agree(tmp_path):
     assert losses(a) == losses(b)
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch):
-    real = train.lr_factor
-
-    def lr_factor_with_signal(step, args, total):
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 3
-        return real(step, args, total)
-
-    monkeypatch.setattr(train, "lr_factor", lr_factor_with_signal)
-    summary, out = run(tmp_path, "sig", "--max_train_steps", "5", "--checkpointing_steps", "100")
-    assert summary["stopped"] and summary["step"] == 3 and (out / "checkpoint-3" / "state.json").is_file()
-    assert not (out / "pytorch_lora_weights.safetensors").exists()
-    monkeypatch.setattr(train, "lr_factor", real)
-    summary, _ = run(tmp_path, "sig", "--max_train_steps", "5", "--resume_from_checkpoint", "latest")
-    assert summary["step"] == 5 and (out / "pytorch_lora_weights.safetensors").is_file()
-
-
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     from minsdxl.unet import UNet
     real_forward, calls = UNet.forward, {"n": 0}
