@@ -679,7 +679,7 @@ def guard_previous_run(args: argparse.Namespace, out: Path, ddp: "Distributed", 
     ddp.barrier()
 
 
-def find_checkpoint(args: argparse.Namespace, out: Path, log):
+def find_checkpoint(args: argparse.Namespace, out: Path, world: int, log):
     """The checkpoint to resume from, read and checked: (path, state, adapters, optimizer_sd, rng), or
     None to start from step 0. With 'latest', a damaged newest checkpoint is skipped, saying so."""
     if args.resume_from_checkpoint == "latest":
@@ -701,17 +701,28 @@ def find_checkpoint(args: argparse.Namespace, out: Path, log):
             loaded = load_checkpoint(path)
         except CheckpointError as e:
             fail(str(e))
-    compare_resumed_flags(args, loaded[0], path, log)
+    compare_resumed_flags(args, loaded[0], path, world, log)
     return (path, *loaded)
 
 
-def compare_resumed_flags(args: argparse.Namespace, state: dict, path: Path, log) -> None:
+def compare_resumed_flags(args: argparse.Namespace, state: dict, path: Path, world: int, log) -> None:
     """Flags that differ from the checkpoint's run: those that can change are applied, one line each;
-    those that shape the adapters, the data or the randomness are refused, by name."""
+    those that shape the adapters, the data or the randomness are refused, by name. The batch size
+    and accumulation may change together with the number of processes as long as the global batch
+    (batch x processes x accumulation) stays the same: the data position is kept in global batches."""
     saved = state.get("args")
     if saved is None:
         log(f"note: {path} records no flags (an older checkpoint): this run's flags are not compared with it")
         return
+    per_step = ("train_batch_size", "gradient_accumulation_steps")
+    if all(k in saved for k in per_step):
+        before = saved["train_batch_size"] * saved["gradient_accumulation_steps"] * state.get("world_size", 1)
+        now = args.train_batch_size * args.gradient_accumulation_steps * world
+        if before != now:
+            fail(f"{path} was written by a run with a global batch of {before} images per step "
+                 f"(--train_batch_size x processes x --gradient_accumulation_steps); this one has {now}. It cannot "
+                 f"change on resume: choose the batch size and accumulation that give {before}.")
+        saved = {k: v for k, v in saved.items() if k not in per_step}
     ignored = NOT_PART_OF_THE_RUN | ({"pretrained_model_name_or_path", "train_data_dir"} if args.demo else set())
     # (--demo's model and data live inside the output folder, which may have moved)
     changed = {k: (saved[k], v) for k, v in vars(args).items()
@@ -814,7 +825,7 @@ def run(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) -> d
     device = ddp.device(args.device)
     make_optimizer(args, [], device, check_only=True)  # 8-bit AdamW off CUDA, a missing optional package
     weight_dtype = pick_precision(args, device)
-    resume = find_checkpoint(args, out, log) if args.resume_from_checkpoint else None
+    resume = find_checkpoint(args, out, ddp.world, log) if args.resume_from_checkpoint else None
     check_lora_targets(args, log)
     if ddp.main:
         write_config(args, out / "config.toml")  # the resolved flags: `--config out/config.toml` repeats the run

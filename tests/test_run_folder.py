@@ -277,3 +277,26 @@ def test_help_shows_each_default_once():
     helps = {a.dest: formatter._get_help_string(a) or "" for a in parser._actions}
     assert [d for d, h in helps.items() if h.count("(default:") > 1] == []
     assert helps["rank"] == "LoRA rank (default: %(default)s)"
+
+
+def test_a_stop_during_validation_is_not_kept_waiting(tmp_path, monkeypatch):
+    real_generate, calls = train.generate, []
+
+    def generate(*a, **k):  # the first validation image: the signal arrives while it is made
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_generate(*a, **k)
+    monkeypatch.setattr(train, "generate", generate)
+    out = tmp_path / "val"
+    code = cli(out, "--max_train_steps", "4", "--validation_prompt", "a red circle", "--validation_steps", "1",
+               "--num_validation_images", "4", "--validation_inference_steps", "2")
+    assert code == 128 + signal.SIGTERM
+    assert len(calls) == 1  # the other 3 base images, and the 4 LoRA images, were not made
+    assert train_state.list_checkpoints(out)[-1].name == "checkpoint-1"
+
+
+def test_resume_refuses_another_global_batch(finished, monkeypatch):
+    no_model_loading(monkeypatch)
+    with pytest.raises(SystemExit, match=r"global batch of 4 images per step .* this one has 8"):
+        run(finished, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--gradient_accumulation_steps", "2")
