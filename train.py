@@ -43,7 +43,8 @@ import lora
 from lora.files import write_safetensors
 from minsdxl.cli import HelpFormatter
 from minsdxl.data import BucketBatchSampler, DataError, Dataset, drop_caption, make_demo_dataset, seeded_generator
-from minsdxl.generate import Models, compare_grid, decode, generate
+from minsdxl.fp8 import quantize_fp8
+from minsdxl.generate import Models, compare_grid, decode, generate, text_conditioning
 from minsdxl.loading import LATENT_SCALE, LoadError, encode_text, load_text_encoders, load_tokenizers, load_unet, load_vae
 from minsdxl.lora_files import LORA_TARGET_PRESETS, TEXT_ENCODER_TARGETS, save_sdxl_lora
 from minsdxl.schedule import NoiseSchedule
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--revision", help="Hub revision of the model")
     a("--variant", help="weights variant of a diffusers folder, e.g. fp16")
     a("--cache_dir", help="Hugging Face download cache")
+    a("--fp8_base", action="store_true", help="store the frozen UNet's Linear/Conv weights in float8 (e4m3), upcast "
+      "per layer: about half the weight memory; LoRA training only")
     # Data
     a("--dataset_name", help="a Hub dataset, e.g. lambdalabs/naruto-blip-captions")
     a("--dataset_config_name", help="config of the Hub dataset")
@@ -172,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--validation_inference_steps", type=int, default=25, help="sampler steps of validation images")
     a("--local_rank", type=int, default=-1, help="accepted for torch.distributed.launch compatibility")
     a("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    a("--memory_plan", choices=["auto", "on", "off"], default="auto",
+      help="predict the device memory of every phase before loading anything (python -m minsdxl.memory); auto: on CUDA")
+    a("--ignore_memory_plan", action="store_true", help="go on even if the predicted peak is more than the GPU has free")
     a("--demo", action="store_true", help="train on a tiny random SDXL and a generated dataset, on the CPU")
     # Later features: accepted so that a seed command line parses, refused with a message in check_args.
     a("--push_to_hub", action="store_true")
@@ -261,6 +267,8 @@ def check_args(args: argparse.Namespace) -> None:
             fail(f"--{flag} {getattr(args, flag)} must be in [0, 1).")
     if args.conv_rank is not None and args.conv_rank < 1:
         fail(f"--conv_rank {args.conv_rank} must be at least 1.")
+    if args.fp8_base and args.use_dora:
+        fail("--use_dora reads the base weights, which --fp8_base stores scaled in float8: pass one of them.")
     if args.use_8bit_adam:
         args.optimizer = "adamw8bit"
     if args.train_text_encoder and args.cache_text_embeddings:
@@ -386,19 +394,140 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def memory_plan(unet, vae, text_encoders, trainable, cache_latents, cache_text) -> str:
-    """What will sit on the device during the training steps, before activations."""
-    nbytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
-    adapters = sum(p.numel() * p.element_size() for p in trainable)
-    lines = [f"  UNet (frozen)         {nbytes(unet) - adapters:>14,d} bytes",
-             f"  LoRA adapters (fp32)  {adapters:>14,d} bytes",
-             f"  gradients             {adapters:>14,d} bytes",
-             f"  AdamW state (2x)      {2 * adapters:>14,d} bytes"]
-    if not cache_latents:
-        lines.append(f"  VAE                   {nbytes(vae):>14,d} bytes")
-    if not cache_text:
-        lines.append(f"  text encoders         {sum(nbytes(t) for t in text_encoders):>14,d} bytes")
-    return "\n".join(lines)
+@contextlib.contextmanager
+def staged(device: torch.device, *models: torch.nn.Module):
+    """Bring `models` to the device for a phase and send them back to where they were after it (the CPU,
+    usually), with the cache emptied, so that no phase holds a model it does not run."""
+    homes = [next(m.parameters()).device for m in models]
+    for m in models:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m, home in zip(models, homes):
+            m.to(home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class PhaseMeter:
+    """The measured peak device memory of each phase of a run (CUDA: torch.cuda.max_memory_allocated,
+    what the caching allocator handed out; nothing is measured per phase elsewhere). Phases may nest
+    (a checkpoint inside the training steps): the outer phase's peak so far is kept before the inner one starts."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peaks, self.stack = device, {}, []
+        self.cuda = device.type == "cuda"
+
+    def _record(self, name: str) -> None:
+        self.peaks[name] = max(self.peaks.get(name, 0), torch.cuda.max_memory_allocated(self.device))
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if self.cuda and self.stack:
+            self._record(self.stack[-1])
+        self.stack.append(name)
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            yield
+        finally:
+            if self.cuda:
+                self._record(name)
+                torch.cuda.reset_peak_memory_stats(self.device)  # the outer phase goes on from here
+            self.stack.pop()
+
+
+def plan_memory(args: argparse.Namespace, device: torch.device, log):
+    """The simulator's prediction of every phase (minsdxl.memory), before anything is loaded; on CUDA the
+    run stops here, with the table and the changes that would fit, if the peak is more than the GPU has free."""
+    if args.memory_plan == "off" or (args.memory_plan == "auto" and device.type != "cuda"):
+        return None
+    from minsdxl import memory
+    try:
+        plan = memory.simulate(args, device.type)
+    except (memory.SimulationError, ImportError) as e:
+        log(f"memory plan: not predicted ({e})")
+        return None
+    log("predicted device memory (python -m minsdxl.memory):\n" + plan.table())
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        check_memory(plan, free, args, log)
+    return plan
+
+
+def check_memory(plan, free: int, args: argparse.Namespace, log) -> None:
+    """Stop, before loading anything, if the predicted peak does not fit in `free` bytes (what the GPU has
+    free now, its CUDA context already made), unless --ignore_memory_plan."""
+    from minsdxl import memory
+    needed = (plan.peak - memory.CUDA_CONTEXT) * (1 + memory.FRAGMENTATION_MARGIN)
+    if needed <= free:
+        return
+    lines = [f"the predicted peak, {needed / 2**30:.2f} GiB (with {memory.FRAGMENTATION_MARGIN:.0%} for the allocator), "
+             f"is more than the {free / 2**30:.2f} GiB this GPU has free; this run would run out of memory."]
+    found = memory.suggestions(args, free + memory.CUDA_CONTEXT, "cuda")
+    lines += [f"  {label}: predicted peak {(p.peak - memory.CUDA_CONTEXT) / 2**30:.2f} GiB" for label, p in found] \
+        or ["  (no single change found)"]
+    msg = "\n".join(lines) + "\nChange the flags, or pass --ignore_memory_plan to try anyway."
+    if args.ignore_memory_plan:
+        log("warning: " + msg)
+        return
+    fail(msg)
+
+
+def add_adapters(args: argparse.Namespace, unet, text_encoders, log) -> tuple[dict, dict[str, torch.Tensor]]:
+    """LoRA on the UNet (and with --train_text_encoder on both text encoders) as the flags say.
+    Returns ({part: model with adapters}, {trainable name: parameter}); the UNet's names have no prefix."""
+    options = dict(rank=args.rank, alpha=args.lora_alpha, dropout=args.lora_dropout, rank_dropout=args.rank_dropout,
+                   module_dropout=args.module_dropout, dora=args.use_dora, init=args.init_lora_weights, dtype=torch.float32)
+    report = lora.inject(unet, lora_targets(args.lora_targets), conv_rank=args.conv_rank, conv_alpha=args.conv_alpha, **options)
+    log(f"LoRA: {report}")
+    adapted = {"unet": unet}
+    if args.train_text_encoder:
+        for name, te in zip(("te1", "te2"), text_encoders):
+            # SDXL reads text encoder 1's penultimate layer, so its last layer gets no gradient: no adapters there.
+            # (Text encoder 2's last layer feeds the pooled vector, so it trains.)
+            last = f"layers.{te.config.num_hidden_layers - 1}.**" if name == "te1" else ()
+            log(f"LoRA on {name}: {lora.inject(te, TEXT_ENCODER_TARGETS, exclude=last, **options)}")
+            adapted[name] = te
+    trainable_named = {(n if part == "unet" else f"{part}.{n}"): p
+                       for part, model in adapted.items() for n, p in model.named_parameters() if p.requires_grad}
+    return adapted, trainable_named
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision: matmuls and convolutions in `dtype` (the frozen weights' dtype), norms, softmax
+    and losses in fp32; off for fp32 training. (The memory simulator replaces it by its own model of
+    CUDA's autocast, because autocast does nothing to `meta` tensors.)"""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def batch_loss(unet, sched: NoiseSchedule, x0, noise, t, context, pooled, time_ids, device: torch.device,
+               weight_dtype: torch.dtype, prediction_type: str, snr_gamma: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, per-image loss (B,)) of one batch: x0 noised to x_t at timesteps t, the UNet's prediction
+    against the target (eps, or v for v-prediction), MSE per image, Min-SNR weighted with --snr_gamma."""
+    x0, noise, t = x0.to(device), noise.to(device), t.to(device)
+    x_t = sched.add_noise(x0, noise, t)
+    target = sched.target(x0, noise, t, prediction_type)
+    with autocast(device, weight_dtype):
+        pred = unet(x_t.to(weight_dtype), t, context.to(device, weight_dtype), pooled.to(device, weight_dtype),
+                    time_ids.to(device, weight_dtype))
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma:
+        per_sample = per_sample * sched.min_snr_weights(t, snr_gamma, prediction_type)
+    return per_sample.mean(), per_sample
+
+
+def optimizer_step(optimizer, scaler, trainable: list, max_grad_norm: float, ema, trainable_named: dict) -> None:
+    """One update from the accumulated gradients: unscale (fp16), clip, step, EMA, and free the gradients."""
+    scaler.unscale_(optimizer)
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    if ema is not None:
+        ema.update(trainable_named)
+    optimizer.zero_grad(set_to_none=True)
 
 
 def read_metrics(path: Path, log) -> list[dict]:
@@ -594,35 +723,52 @@ class Reporter:
             self.wandb.finish()
 
 
+def guidance_conditioning(context: torch.Tensor, pooled: torch.Tensor, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt's cached (77, 2048) context and (1280,) pooled vector -> the (2, ...) pair classifier-free
+    guidance runs, [empty negative prompt; prompt], the negative zeros as SDXL's pipeline makes them
+    (force_zeros_for_empty_prompt), as minsdxl.generate.text_conditioning does."""
+    context, pooled = torch.stack([torch.zeros_like(context), context]), torch.stack([torch.zeros_like(pooled), pooled])
+    return context.to(device, dtype), pooled.to(device, dtype)
+
+
+def vae_after_caching(vae, args: argparse.Namespace, weight_dtype: torch.dtype):
+    """With the latents cached, the VAE only decodes validation images: in bf16 when training in bf16,
+    which halves its activations (3.0 -> 1.5 GiB at 1024x1024); fp32 otherwise (fp16 overflows)."""
+    if args.cache_latents and weight_dtype == torch.bfloat16:
+        vae.to(torch.bfloat16)
+    return vae
+
+
 def validation_images(unet, vae, text_encoders, tokenizers, args, device, weight_dtype, seeds: list[int],
-                      stopping=lambda: False) -> list:
+                      stopping=lambda: False, meter: "PhaseMeter | None" = None, conditioning=None) -> list:
     """One image per seed of --validation_prompt with the UNet as it is now, through minsdxl.generate;
     fewer once `stopping()` is true (a stop is not kept waiting for the remaining images).
 
-    The UNet and its adapters stay where they are; the VAE and text encoders come to the device only for
-    this (they live on the CPU when their outputs are cached) and go back after."""
-    homes = [next(m.parameters()).device for m in (vae, *text_encoders)]
-    for m in (vae, *text_encoders):
-        m.to(device)
+    The UNet and its adapters stay where they are. `conditioning` is the prompt's cached text conditioning
+    (guidance_conditioning); without it the text encoders come to the device to encode the prompt. The VAE
+    comes only to decode. Each goes back to where it lives after (the CPU, when its outputs are cached)."""
+    meter = meter or PhaseMeter(torch.device("cpu"))
     models = Models(unet, vae, text_encoders, tokenizers)
     was_training = [(m, m.training) for m in (unet, *text_encoders)]
     for m, _ in was_training:
         m.eval()  # no LoRA dropout while generating
     images = []
     try:
+        if conditioning is None:
+            with meter.phase("validation: text"), staged(device, *text_encoders), autocast(device, weight_dtype):
+                conditioning = text_conditioning(models, [args.validation_prompt], [""], device, weight_dtype)
         for seed in seeds:
             if stopping():
                 break
-            with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+            with meter.phase("validation: denoise"), autocast(device, weight_dtype):
                 latents = generate(models, [args.validation_prompt], steps=args.validation_inference_steps,
                                    seed=seed, width=args.resolution, height=args.resolution, device=device,
-                                   dtype=weight_dtype, return_latents=True)
-            images += decode(vae, latents, device)  # outside autocast: the VAE decodes in its own fp32
+                                   dtype=weight_dtype, return_latents=True, conditioning=conditioning)
+            with meter.phase("validation: decode"), staged(device, vae):
+                images += decode(vae, latents, device)  # outside autocast: the VAE decodes in its own fp32
     finally:
         for m, mode in was_training:
             m.train(mode)
-        for m, home in zip((vae, *text_encoders), homes):
-            m.to(home)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # give the validation memory back before training goes on
     return images
@@ -645,7 +791,7 @@ CHANGEABLE_ON_RESUME = {
 NOT_PART_OF_THE_RUN = {
     "config", "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logging_dir", "report_to", "device",
     "local_rank", "dataloader_num_workers", "enable_xformers_memory_efficient_attention", "cache_dir", "allow_tf32",
-    "ema_on_cpu", "demo", "push_to_hub", "hub_token", "hub_model_id",
+    "ema_on_cpu", "demo", "push_to_hub", "hub_token", "hub_model_id", "memory_plan", "ignore_memory_plan",
 }
 
 
@@ -825,6 +971,8 @@ def run(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) -> d
     device = ddp.device(args.device)
     make_optimizer(args, [], device, check_only=True)  # 8-bit AdamW off CUDA, a missing optional package
     weight_dtype = pick_precision(args, device)
+    meter = PhaseMeter(device)
+    plan = plan_memory(args, device, log) if ddp.main else None
     resume = find_checkpoint(args, out, ddp.world, log) if args.resume_from_checkpoint else None
     check_lora_targets(args, log)
     if ddp.main:
@@ -837,41 +985,7 @@ def run(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) -> d
     torch.manual_seed(seed)
     log(f"device {device}, frozen weights in {weight_dtype}, LoRA weights in float32")
 
-    # 1. Models: frozen UNet in weight_dtype on the device; VAE and text encoders for encoding.
-    try:
-        hub = dict(revision=args.revision, cache_dir=args.cache_dir)  # for Hub repo ids
-        unet = load_unet(args.pretrained_model_name_or_path, dtype=weight_dtype, device=device, variant=args.variant, **hub)
-        text_encoders = load_text_encoders(args.pretrained_model_name_or_path, dtype=torch.float32, device=device,
-                                           variant=args.variant, **hub)
-        tokenizers = load_tokenizers(args.pretrained_model_name_or_path, **hub)
-        # (the separate VAE is another repo: the model's revision is not its, as in diffusers' script)
-        vae_source = args.pretrained_vae_model_name_or_path or args.pretrained_model_name_or_path
-        vae = load_vae(vae_source, dtype=torch.float32, device=device, cache_dir=args.cache_dir,
-                       revision=None if args.pretrained_vae_model_name_or_path else args.revision)
-    except LoadError as e:
-        raise SystemExit(f"train.py: error: {e}") from None
-    prediction_type = args.prediction_type or "epsilon"
-
-    # 2. LoRA: freeze everything, then wrap the matching layers; only the adapters train.
-    options = dict(rank=args.rank, alpha=args.lora_alpha, dropout=args.lora_dropout, rank_dropout=args.rank_dropout,
-                   module_dropout=args.module_dropout, dora=args.use_dora, init=args.init_lora_weights, dtype=torch.float32)
-    report = lora.inject(unet, lora_targets(args.lora_targets), conv_rank=args.conv_rank, conv_alpha=args.conv_alpha, **options)
-    log(f"LoRA: {report}")
-    adapted = {"unet": unet}  # the models with adapters; their trainable names get these prefixes (none for the UNet)
-    if args.train_text_encoder:
-        for name, te in zip(("te1", "te2"), text_encoders):
-            te.to(dtype=weight_dtype)  # frozen in the training precision, like the UNet
-            # SDXL reads text encoder 1's penultimate layer, so its last layer gets no gradient: no adapters there.
-            # (Text encoder 2's last layer feeds the pooled vector, so it trains.)
-            last = f"layers.{te.config.num_hidden_layers - 1}.**" if name == "te1" else ()
-            log(f"LoRA on {name}: {lora.inject(te, TEXT_ENCODER_TARGETS, exclude=last, **options)}")
-            adapted[name] = te
-    trainable_named = {(n if part == "unet" else f"{part}.{n}"): p
-                       for part, model in adapted.items() for n, p in model.named_parameters() if p.requires_grad}
-    trainable = list(trainable_named.values())
-    unet.set_gradient_checkpointing(args.gradient_checkpointing)
-
-    # 3. Data
+    # 1. Data (before any model: a wrong folder or column is reported in seconds)
     try:
         dataset = Dataset(dataset_name=args.dataset_name, train_data_dir=args.train_data_dir,
                           image_column=args.image_column, caption_column=args.caption_column,
@@ -890,7 +1004,23 @@ def run(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) -> d
     log(f"global batch {global_batch} = {args.train_batch_size} per device x {ddp.world} processes x "
         f"{args.gradient_accumulation_steps} accumulation steps; {total_steps} optimizer steps")
 
-    # 4. Caches: every latent and caption encoded once, then the VAE and text encoders leave the device.
+    # 2. The frozen encoders, loaded into CPU memory: each comes to the device only for the phase that runs it.
+    try:
+        hub = dict(revision=args.revision, cache_dir=args.cache_dir)  # for Hub repo ids
+        with meter.phase("load encoders"):
+            text_encoders = load_text_encoders(args.pretrained_model_name_or_path, dtype=torch.float32, device="cpu",
+                                               variant=args.variant, **hub)
+            tokenizers = load_tokenizers(args.pretrained_model_name_or_path, **hub)
+            # (the separate VAE is another repo: the model's revision is not its, as in diffusers' script)
+            vae_source = args.pretrained_vae_model_name_or_path or args.pretrained_model_name_or_path
+            vae = load_vae(vae_source, dtype=torch.float32, device="cpu", cache_dir=args.cache_dir,
+                           revision=None if args.pretrained_vae_model_name_or_path else args.revision)
+    except LoadError as e:
+        raise SystemExit(f"train.py: error: {e}") from None
+    prediction_type = args.prediction_type or "epsilon"
+
+    # 3. Caches: every latent and caption encoded once, with only its encoder on the device (the UNet is not
+    # loaded yet), then the encoder goes back to the CPU.
     cache = Cache(out / "cache")
     ident = model_identity(args)
     cache_latents, cache_text = args.cache_latents, args.cache_text_embeddings
@@ -909,21 +1039,41 @@ def run(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) -> d
         if not args.center_crop or args.random_flip:
             log("note: latents are cached, so each image's random crop/flip is drawn once and kept for "
                   "every epoch; pass --no-cache_latents to redraw them every epoch.")
-        for i in tqdm(range(ddp.rank, len(dataset), ddp.world), desc="caching latents", disable=len(dataset) < 64 or not ddp.main):
-            latents_of(0, i)  # each rank encodes its share; the files are then read by all
-        vae.to("cpu")
+        with meter.phase("cache latents"), staged(device, vae):
+            for i in tqdm(range(ddp.rank, len(dataset), ddp.world), desc="caching latents", disable=len(dataset) < 64 or not ddp.main):
+                latents_of(0, i)  # each rank encodes its share; the files are then read by all
     if cache_text:
-        captions = sorted(set(dataset.captions)) + [""]
-        for caption in tqdm(captions[ddp.rank::ddp.world], desc="caching text", disable=len(dataset) < 64 or not ddp.main):
-            text_of(caption)
-        for te in text_encoders:
-            te.to("cpu")
+        captions = sorted(set(dataset.captions) | {"", args.validation_prompt or ""})  # (the prompt: for validation)
+        with meter.phase("cache text"), staged(device, *text_encoders):
+            for caption in tqdm(captions[ddp.rank::ddp.world], desc="caching text", disable=len(dataset) < 64 or not ddp.main):
+                text_of(caption)
     ddp.barrier()  # every cache entry is on disk now
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    log("on the device during training:\n" + memory_plan(unet, vae, text_encoders, trainable, cache_latents, cache_text))
+    vae = vae_after_caching(vae, args, weight_dtype)
 
-    # 5. Optimizer, noise generator, and resume
+    # 4. The UNet, frozen in weight_dtype, straight onto the device; with it whatever a step runs that is not cached.
+    try:
+        with meter.phase("load UNet"):
+            # --fp8_base: loaded and quantized in CPU memory, so the device never holds the full-precision UNet
+            unet = load_unet(args.pretrained_model_name_or_path, dtype=weight_dtype, device="cpu" if args.fp8_base else device,
+                             variant=args.variant, **hub)
+            if args.fp8_base:
+                log(f"fp8 base: {quantize_fp8(unet, weight_dtype)}")
+                unet.to(device)
+    except LoadError as e:
+        raise SystemExit(f"train.py: error: {e}") from None
+    if not cache_latents:
+        vae.to(device)  # every step encodes its images
+    if args.train_text_encoder or not cache_text:
+        for te in text_encoders:  # every step encodes its captions; trained encoders are frozen in weight_dtype
+            te.to(device, weight_dtype if args.train_text_encoder else torch.float32)
+
+    # 5. LoRA: everything is frozen; wrap the matching layers; only the adapters train.
+    with meter.phase("add LoRA"):
+        adapted, trainable_named = add_adapters(args, unet, text_encoders, log)
+    trainable = list(trainable_named.values())
+    unet.set_gradient_checkpointing(args.gradient_checkpointing)
+
+    # 6. Optimizer, noise generator, and resume
     groups = [{"params": [p for n, p in trainable_named.items() if not n.startswith(("te1.", "te2."))], "lr": lr}]
     if args.train_text_encoder:
         groups.append({"params": [p for n, p in trainable_named.items() if n.startswith(("te1.", "te2."))],
@@ -962,10 +1112,11 @@ def run(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) -> d
             return
         state = {"epoch": epoch, "batches_done": batches_done, "world_size": ddp.world, "grad_scaler": scaler.state_dict(), "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
         tensors = trainable_named | ({f"ema.{n}": t for n, t in ema.shadow.items()} if ema else {})
-        path = save_checkpoint(out, step, tensors, optimizer, state, keep_last=args.checkpoints_total_limit)
+        with meter.phase("save"):
+            path = save_checkpoint(out, step, tensors, optimizer, state, keep_last=args.checkpoints_total_limit)
         log(f"saved {path}")
 
-    # 6. Train (metrics of steps after the resumed one, from a run that went further, are dropped)
+    # 7. Train (metrics of steps after the resumed one, from a run that went further, are dropped)
     metrics_path = out / "metrics.jsonl" if ddp.main else Path(os.devnull)
     if ddp.main:
         kept = [r for r in read_metrics(metrics_path, log) if r["step"] <= step]
@@ -980,7 +1131,10 @@ def run(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) -> d
     def validate(tag: str) -> Path | None:
         """The validation grid at this step; None when a stop was asked for meanwhile (it is not waited for)."""
         stopping = lambda: stop.signum is not None
-        images = lambda: validation_images(unet, vae, text_encoders, tokenizers, args, device, weight_dtype, seeds, stopping)
+        cached = text_of(args.validation_prompt) if cache_text else None
+        conditioning = guidance_conditioning(cached["context"], cached["pooled"], device, weight_dtype) if cached else None
+        images = lambda: validation_images(unet, vae, text_encoders, tokenizers, args, device, weight_dtype, seeds, stopping,
+                                           meter, conditioning)
         if not base_images:  # the base model does not change: its images are made once, with the adapters off
             for model in adapted.values():
                 lora.set_scale(model, 0.0)
@@ -1013,7 +1167,9 @@ def run(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) -> d
     t_last, accum_loss, micro, stopping = time.perf_counter(), 0.0, 0, False
     validated = {}  # step -> its validation grid
     stop.training = True  # a signal now stops after the current optimizer step
+    training_phase = meter.phase("train step")  # (its peak includes the optimizer's state and temporaries)
     try:
+        training_phase.__enter__()
         while step < total_steps and not stopping:
             sampler.set_epoch(epoch, skip_batches=batches_done)
             for batch_indices in sampler:
@@ -1030,7 +1186,7 @@ def run(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) -> d
                 x0 = torch.stack([latents_of(epoch, i) for i in batch_indices])  # (B, 4, H/8, W/8)
                 captions = drop_caption([dataset.captions[i] for i in batch_indices], args.caption_dropout, gen)
                 if args.train_text_encoder:  # through the adapted encoders, with gradients
-                    with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+                    with autocast(device, weight_dtype):
                         context, pooled = encode_text(encoders_step, tokenizers, captions)  # (B, 77, 2048), (B, 1280)
                 else:
                     texts = [text_of(c) for c in captions]
@@ -1041,16 +1197,8 @@ def run(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) -> d
                 # Noise and timesteps, drawn on the CPU, so runs repeat on any device.
                 noise = training_noise(x0.shape, args.noise_offset, gen)
                 t = torch.randint(0, sched.num_train_timesteps, (B,), generator=gen)
-                x0, noise, t = x0.to(device), noise.to(device), t.to(device)
-                x_t = sched.add_noise(x0, noise, t)
-                target = sched.target(x0, noise, t, prediction_type)
-                with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-                    pred = unet_step(x_t.to(weight_dtype), t, context.to(device, weight_dtype), pooled.to(device, weight_dtype),
-                                time_ids.to(device, weight_dtype))
-                per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                if args.snr_gamma:
-                    per_sample = per_sample * sched.min_snr_weights(t, args.snr_gamma, prediction_type)
-                loss = per_sample.mean()
+                loss, per_sample = batch_loss(unet_step, sched, x0, noise, t, context, pooled, time_ids, device, weight_dtype,
+                                              prediction_type, args.snr_gamma)
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"loss is {loss.item()} at step {step + 1}. Likely causes: an fp16 VAE (use fp32, the default, or "
@@ -1068,14 +1216,7 @@ def run(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) -> d
                 # One optimizer step.
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * lr_factor(step, args, total_steps)
-                scaler.unscale_(optimizer)
-                if args.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                if ema is not None:
-                    ema.update(trainable_named)
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(optimizer, scaler, trainable, args.max_grad_norm, ema, trainable_named)
                 step += 1
                 now = time.perf_counter()
                 record = {"step": step, "epoch": epoch, "loss": accum_loss, "lr": optimizer.param_groups[0]["lr"],
@@ -1105,13 +1246,14 @@ def run(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) -> d
                 if step >= total_steps or stopping:
                     break
     finally:
+        training_phase.__exit__(None, None, None)
         progress.close()
         metrics.close()
     stop.training = False  # from here on a signal quits at once: what is left is writing files
     if not ddp.main:  # rank 0 writes the files
         return {"step": step, "losses": losses, "stopped": stopping, "signal": stop.signum}
 
-    # 7. Save the LoRA in both formats people exchange (the EMA weights with --use_ema); a stopped run
+    # 8. Save the LoRA in both formats people exchange (the EMA weights with --use_ema); a stopped run
     # saves them too, from the step it reached, marked partial.
     if ema is not None:
         ema.copy_to(trainable_named)
@@ -1120,8 +1262,9 @@ def run(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) -> d
                 "minsdxl.partial": str(stopping).lower()}
     files = [out / "pytorch_lora_weights.safetensors", out / "lora_kohya.safetensors"]
     tes = text_encoders if args.train_text_encoder else None
-    save_sdxl_lora(unet, files[0], format="diffusers", text_encoders=tes, metadata=metadata)
-    save_sdxl_lora(unet, files[1], format="kohya", text_encoders=tes, metadata=metadata)
+    with meter.phase("save"):
+        save_sdxl_lora(unet, files[0], format="diffusers", text_encoders=tes, metadata=metadata)
+        save_sdxl_lora(unet, files[1], format="kohya", text_encoders=tes, metadata=metadata)
     if stopping:
         log(f"stopped by {signal.Signals(stop.signum).name} at step {step} of {total_steps}: saved a checkpoint, and "
             f"the LoRA of step {step} (marked partial) in {files[0].name} and {files[1].name}. Resume with "
@@ -1136,7 +1279,12 @@ def run(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) -> d
     reporter.close()
     summary = {"steps": step, "seconds": round(time.perf_counter() - started, 1),
                "peak_memory_bytes": peak_memory_bytes(device), "final_loss": all_losses[-1] if all_losses else None,
-               "files": [str(f) for f in files]}
+               "files": [str(f) for f in files],
+               "memory_by_phase": {"predicted_bytes": {p["phase"]: p["peak_bytes"] for p in plan.to_json()["phases"]} if plan else None,
+                                   "measured_bytes": meter.peaks or None,  # CUDA: max_memory_allocated (no CUDA context)
+                                   "predicted_includes": [w for w, _, _ in plan.extras] if plan else []}}
+    if plan is not None:
+        log("device memory by phase:\n" + plan.table(meter.peaks or None))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log(f"done: {step} steps in {summary['seconds']} s, peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB, "
           f"final loss {summary['final_loss']}; wrote:\n  " + "\n  ".join(summary["files"]))

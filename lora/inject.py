@@ -123,8 +123,15 @@ def inject(model: nn.Module, targets, rank: int = 4, alpha: float | None = None,
 
 def merge(model: nn.Module) -> None:
     """Fold every adapter into its base weight (inference speed); exact inverse: `unmerge`."""
-    for layer in lora_layers(model).values():
+    for path, layer in lora_layers(model).items():
+        _merge(layer, path)
+
+
+def _merge(layer: LoRALayer, path: str) -> None:
+    try:
         layer.merge()
+    except ValueError as e:  # e.g. a float8 base
+        raise LoRAError(f"'{path}': {e}") from None
 
 
 def unmerge(model: nn.Module) -> None:
@@ -153,7 +160,7 @@ def bake(model: nn.Module) -> None:
     """Merge every adapter into its base weight for good and drop the LoRA layers (inference with
     several LoRAs: load one, bake it, load the next)."""
     for path, layer in lora_layers(model).items():
-        layer.merge()
+        _merge(layer, path)
         parent_path, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, name, layer.base)
 

@@ -8,6 +8,10 @@ rsLoRA (Kalajdzievski 2023) uses scale = alpha / sqrt(rank). DoRA (Liu et al. 20
 weight into a magnitude per output channel and a direction: W' = m * (W + scale BA) / ||W + scale BA||.
 Linear layers and convolutions share the code: for a conv, `down` is a conv with the base's
 kernel, stride and padding and `up` a 1x1 conv (LoCon).
+
+A base stored in float8 (a quantised model, e.g. minsdxl.fp8) holds a scaled, rounded copy of its
+weight and computes with it in its own forward: adapters on it default to fp32, and what needs the
+weight itself (merging, DoRA) is refused rather than computed wrong.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 class LoRALayer(nn.Module):
@@ -32,7 +38,11 @@ class LoRALayer(nn.Module):
         self.multiplier = 1.0  # runtime strength, e.g. 0.8 when sampling; not part of training
         self.dropout, self.rank_dropout, self.module_dropout = nn.Dropout(dropout), rank_dropout, module_dropout
         self.merged = False
-        factory = dict(device=base.weight.device, dtype=dtype or base.weight.dtype)  # next to the base weight
+        stored = base.weight.dtype
+        if dora and stored in FLOAT8:
+            raise ValueError(f"DoRA reads its base weight, which is stored in {stored} here ({base}): use plain LoRA")
+        dtype = dtype or (torch.float32 if stored in FLOAT8 else stored)
+        factory = dict(device=base.weight.device, dtype=dtype)  # next to the base weight
         if isinstance(base, nn.Linear):
             self.lora_down = nn.Linear(base.in_features, rank, bias=False, **factory)
             self.lora_up = nn.Linear(rank, base.out_features, bias=False, **factory)
@@ -111,6 +121,9 @@ class LoRALayer(nn.Module):
         if self.merged:
             return
         w = self.base.weight
+        if w.dtype in FLOAT8:
+            raise ValueError(f"cannot merge into a base weight stored in {w.dtype} ({self.base}): keep the adapter "
+                             f"as a separate layer, or merge before the weights are stored in float8")
         delta = self.delta_weight().float() * self.multiplier
         if self.magnitude is None:
             w.copy_((w.float() + delta).to(w.dtype))

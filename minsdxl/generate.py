@@ -87,14 +87,15 @@ def generate(models: Models, prompts: list[str], negative_prompts: list[str] | N
              guidance_scale: float = 5.0, sampler: str = "euler", karras: bool = False, seed: int = 0,
              width: int = 1024, height: int = 1024, device="cpu", dtype: torch.dtype = torch.float32,
              lowvram: bool = False, vae_tiling: bool = False, prediction_type: str = "epsilon",
-             return_latents: bool = False):
+             return_latents: bool = False, conditioning: tuple | None = None):
     """One image per prompt. The initial noise is drawn on the CPU from `seed`, so the same seed gives
-    the same image on any device (and the same as diffusers' pipeline given the same generator)."""
+    the same image on any device (and the same as diffusers' pipeline given the same generator).
+    `conditioning`: the (context, pooled) of `text_conditioning` for these prompts, if already computed."""
     if width % 8 or height % 8:
         raise GenerationError(f"--width {width} and --height {height} must be multiples of 8 (the VAE's factor)")
     B = len(prompts)
     negative_prompts = negative_prompts or [""] * B
-    context, pooled = text_conditioning(models, prompts, negative_prompts, device, dtype, lowvram)
+    context, pooled = conditioning or text_conditioning(models, prompts, negative_prompts, device, dtype, lowvram)
     time_ids = torch.tensor([[height, width, 0, 0, height, width]] * 2 * B, dtype=dtype, device=device)  # (2B, 6)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((B, 4, height // 8, width // 8), generator=generator).to(device)  # (B, 4, h, w), fp32

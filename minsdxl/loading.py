@@ -510,6 +510,21 @@ SDXL_VAE_CONFIG = {  # stabilityai/stable-diffusion-xl-base-1.0 vae/config.json
 }
 
 
+def sdxl_text_encoder_configs(cross_attention_dim: int = 2048, pooled_dim: int = 1280):
+    """transformers configs of SDXL's two text encoders: for the base UNet (context 2048 = 768 + 1280)
+    CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 at full size; for a smaller UNet, 2-layer encoders whose
+    widths add up to its context width."""
+    from transformers import CLIPTextConfig
+    if cross_attention_dim == 2048:
+        return (CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                               projection_dim=768, hidden_act="quick_gelu"),
+                CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                               projection_dim=1280, hidden_act="gelu"))
+    w1, w2 = cross_attention_dim - pooled_dim, pooled_dim
+    return (CLIPTextConfig(hidden_size=w1, intermediate_size=2 * w1, num_hidden_layers=2, num_attention_heads=2, projection_dim=w1),
+            CLIPTextConfig(hidden_size=w2, intermediate_size=2 * w2, num_hidden_layers=2, num_attention_heads=2, projection_dim=w2))
+
+
 def load_vae(source: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu", revision: str | None = None,
              cache_dir: str | None = None):
     """diffusers AutoencoderKL from a pipeline folder (vae/), a VAE folder or repo (the fp16-fix VAE),

@@ -1,161 +1,809 @@
-"""Where the memory of a LoRA training step goes, computed from the config and the options.
+"""The memory of a train.py run, phase by phase, predicted from its flags without a GPU.
 
-    python -m minsdxl.memory --resolution 1024 --rank 16 --checkpointing        # SDXL base, bf16
-    python -m minsdxl.memory --resolution 512 --no-checkpointing --markdown
+    python -m minsdxl.memory --resolution 1024 --rank 16 --gradient_checkpointing          # SDXL base, CUDA bf16
+    python -m minsdxl.memory --resolution 1024 --rank 16 --gradient_checkpointing --vram 12GB
+    python -m minsdxl.memory --demo --device cpu --json                                    # the tiny demo model
 
-Weights, adapters, gradients and optimizer state are sizes times bytes. Activations are measured
-by running the forward pass on the `meta` device (shapes, no data, about a second for the full
-model) with autograd's saved-tensor hooks: every tensor autograd keeps for the backward pass is
-one activation. Attention matrices (B, heads, L, S) are counted apart: on a GPU the fused SDPA
-kernels never store them; the "math" fallback does. With gradient checkpointing each resnet and
-transformer block keeps only its input, and one block's activations exist again while it is
-recomputed in the backward pass, so the cost is (outside the blocks) + (block inputs) + (the
-largest block). Not counted: the CUDA context (~0.3-0.5 GB), allocator fragmentation, and the
-temporaries of single kernels.
+The flags are train.py's own (its parser), plus --vram and --json. The prediction is not a sum of
+sizes: the simulator runs train.py's own functions on the `meta` device (shapes and dtypes, no data:
+seconds for the full model) under a tracker that sees every tensor storage the program allocates
+and frees (`Tracker`, a TorchDispatchMode), phase by phase, in the order train.py runs them:
+
+    load encoders   the text encoders and the VAE, into CPU memory (nothing on the device)
+    cache latents   the VAE alone on the device, encoding one image at --resolution (train.encode_image)
+    cache text      the text encoders alone on the device, encoding one caption (train.encode_captions)
+    load UNet       the frozen UNet in its dtype (--fp8_base: float8 weights), plus the encoders a step needs
+    add LoRA        the adapters, fp32 (train.add_adapters)
+    train step      two optimizer steps of train.batch_loss + backward (with our checkpointing and its
+                    recomputation) + train.optimizer_step (clipping, the optimizer's state and its
+                    temporaries, EMA); the second step is the steady state
+    validation: *   text conditioning, one denoising step of classifier-free guidance, one VAE decode
+    save            the LoRA files and a checkpoint (copies to the CPU, one tensor at a time)
+
+What the meta device cannot see is modelled, each on its own line with where the figure comes from:
+which fused attention kernel SDPA would pick on the target (flash / memory-efficient / math) and what
+it allocates (we call that kernel's own meta function), CUDA's autocast (it does nothing to meta
+tensors: `Autocast` applies CUDA autocast's op lists), the caching allocator's rounding of every
+block to 512 bytes, the cuBLAS workspace, and the CUDA context. Not predicted: the allocator's
+fragmentation (reserved minus allocated), cuDNN convolution workspaces, and kernel-internal scratch
+buffers; they are what `bench/gpu.sh` measures beside the prediction.
+
+Checked on the CPU (tests/test_memory.py, docs/memory.md): the predicted peak of a real step's live
+tensors against the PyTorch profiler's allocation events of the same step run on real tensors.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import contextlib
+import copy
+import json
+import re
+import sys
+import tempfile
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
-import lora
+aten = torch.ops.aten
+GiB = 2**30
 
-from .config import UNetConfig
-from .lora_files import LORA_TARGET_PRESETS
-from .unet import BasicTransformerBlock, ResnetBlock2D, UNet
 
-ATTN_TARGETS = LORA_TARGET_PRESETS["attn"]  # train.py's default --lora_targets
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 4, "prodigy": 16}  # per fp32 trainable parameter
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+class SimulationError(RuntimeError):
+    """The simulated program did something the simulator cannot follow."""
+
+
+# --- the tracker --------------------------------------------------------------------------------------
+
+CUDA_BLOCK = 512  # the CUDA caching allocator hands out multiples of 512 bytes (c10/cuda/CUDACachingAllocator.cpp, kMinBlockSize)
+HOST_COPY_LIMIT = 256 * 2**20  # a device -> CPU copy above this is a model moving, which the simulator does itself
 
 
 @dataclass
-class Budget:
-    """Bytes of one training step, by kind."""
+class PhasePeak:
+    """One phase: device bytes live at its start and at its peak, and at the peak by kind."""
 
-    weights: int  # the frozen UNet
-    adapters: int  # LoRA weights, fp32
-    gradients: int  # their gradients, fp32
-    optimizer: int  # optimizer state
-    activations: int  # kept for the backward pass
-    attention_matrices: int  # (B, heads, L, S) scores, if SDPA falls back to the math kernel (largest one)
+    name: str
+    start: int
+    peak: int
+    by_kind: dict[str, int]
+
+
+class Tracker(TorchDispatchMode):
+    """Every storage on `device_type` that the program allocates, counted until it is freed.
+
+    Each operator's outputs pass through `__torch_dispatch__`; a storage not seen before is counted
+    with its size (rounded up to `block` bytes) and a weakref callback subtracts it when PyTorch frees
+    it, so `live` is exactly the bytes of live storages, as an allocator would see them. Storages
+    created before the tracker started are not counted. A storage is labelled with the `kind` current
+    when it was made ("weights", "activations", ...), for the breakdown at the peak.
+
+    On `meta` a few things a real program does need a value: `.item()` / `bool()` (a loss check, an
+    inf check) read 0 (floats, ints) or True (bools), and a copy to the CPU gives zeros there (small:
+    latents, images, LoRA files). Storages of modules placed `on_host` are not counted: in the simulation
+    every model is on meta, and this says which ones a real run keeps in CPU memory instead."""
+
+    def __init__(self, device_type: str = "meta", block: int = 1):
+        super().__init__()
+        self.device_type, self.block = device_type, block
+        self.records = WeakIdKeyDictionary()  # storage -> [bytes, kind, counted]
+        self.live, self.kind = 0, "other"
+        self.live_by_kind: dict[str, int] = defaultdict(int)
+        self.phases: list[PhasePeak] = []
+        self._phase: PhasePeak | None = None
+
+    def _size(self, nbytes: int) -> int:
+        return 0 if nbytes == 0 else -(-nbytes // self.block) * self.block
+
+    def _see(self, t: torch.Tensor, host: bool = False) -> None:
+        st = t.untyped_storage()
+        if st in self.records:
+            return
+        record = [self._size(st.nbytes()), self.kind, not host]
+        self.records[st] = record
+        weakref.finalize(st, self._free, record)
+        if not host:
+            self._add(record)
+
+    def _add(self, record: list) -> None:
+        self.live += record[0]
+        self.live_by_kind[record[1]] += record[0]
+        p = self._phase
+        if p is not None and self.live > p.peak:
+            p.peak, p.by_kind = self.live, {k: v for k, v in self.live_by_kind.items() if v}
+
+    def _free(self, record: list) -> None:
+        if record[2]:
+            self.live -= record[0]
+            self.live_by_kind[record[1]] -= record[0]
+
+    def on_host(self, module: torch.nn.Module, host: bool = True) -> None:
+        """Count `module`'s parameters and buffers (not) as device memory from now on."""
+        for t in [*module.parameters(), *module.buffers()]:
+            record = self.records.get(t.untyped_storage())
+            if record is None or record[2] != host:
+                continue
+            record[2] = not host
+            if host:
+                self.live -= record[0]
+                self.live_by_kind[record[1]] -= record[0]
+            else:
+                self._add(record)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Nothing made inside is counted (models built on meta before their weights are placed)."""
+        before, self.device_type = self.device_type, "none"
+        try:
+            yield
+        finally:
+            self.device_type = before
+
+    def register(self, module: torch.nn.Module, host: bool = False) -> None:
+        """Count `module`'s parameters and buffers, made while paused, from now on (as host memory: not at all)."""
+        for t in [*module.parameters(), *module.buffers()]:
+            self._see(t, host)
+
+    def transient(self, nbytes: int) -> None:
+        """A moment's allocation the program makes outside the tracked code (loading one tensor)."""
+        record = [self._size(nbytes), self.kind, True]
+        self._add(record)
+        self._free(record)
+
+    def is_host(self, module: torch.nn.Module) -> bool:
+        record = self.records.get(next(module.parameters()).untyped_storage())
+        return record is not None and not record[2]
+
+    @contextlib.contextmanager
+    def phase(self, name: str, kind: str | None = None):
+        """Record the peak of what runs inside as phase `name` (a phase run again keeps its largest peak)."""
+        outer, outer_kind = self._phase, self.kind
+        self._phase = PhasePeak(name, self.live, self.live, {k: v for k, v in self.live_by_kind.items() if v})
+        self.kind = kind or self.kind
+        try:
+            yield self._phase
+        finally:
+            done, self._phase, self.kind = self._phase, outer, outer_kind
+            earlier = next((p for p in self.phases if p.name == name), None)
+            if earlier is None:
+                self.phases.append(done)
+            elif done.peak > earlier.peak:
+                self.phases[self.phases.index(earlier)] = done
+            if outer is not None and done.peak > outer.peak:
+                outer.peak, outer.by_kind = done.peak, done.by_kind
+
+    @contextlib.contextmanager
+    def labelled(self, kind: str):
+        """Label the storages made inside as `kind`."""
+        before, self.kind = self.kind, kind
+        try:
+            yield
+        finally:
+            self.kind = before
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        first = args[0] if args else None
+        if isinstance(first, torch.Tensor) and first.device.type == "meta":
+            if func is aten._local_scalar_dense.default:  # .item(), bool(): a finite loss, no inf gradient
+                return True if first.dtype == torch.bool else 0
+            to_cpu = func is aten._to_copy.default and kwargs.get("device") is not None and \
+                torch.device(kwargs["device"]).type == "cpu"
+            if to_cpu:
+                nbytes = first.numel() * (kwargs.get("dtype") or first.dtype).itemsize
+                if nbytes > HOST_COPY_LIMIT:
+                    raise SimulationError(f"a {nbytes / GiB:.1f} GiB copy from the device to the CPU (a model "
+                                          f"moving?); the simulator places models itself (Tracker.on_host)")
+                return torch.zeros(first.shape, dtype=kwargs.get("dtype") or first.dtype)
+        if func is aten.copy_.default and args[0].device.type == "cpu" and args[1].device.type == "meta":
+            return args[0]  # into a CPU tensor: the values do not matter
+        out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == self.device_type:
+                self._see(t)
+        return out
+
+
+# --- what the meta device cannot see: autocast and attention kernels --------------------------------
+
+# CUDA autocast's op lists (https://pytorch.org/docs/stable/amp.html#cuda-op-specific-behavior), by the
+# name of the outermost torch function called (F.linear, torch.matmul, Tensor.softmax, ...).
+AUTOCAST_LOWER = {"linear", "matmul", "mm", "bmm", "baddbmm", "addmm", "addbmm", "addmv", "addr", "mv", "chain_matmul",
+                  "multi_dot", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+                  "prelu", "einsum", "__matmul__", "__rmatmul__", "scaled_dot_product_attention"}
+AUTOCAST_FP32 = {"layer_norm", "group_norm", "softmax", "log_softmax", "softmin", "mse_loss", "l1_loss", "smooth_l1_loss",
+                 "cross_entropy", "nll_loss", "kl_div", "binary_cross_entropy_with_logits", "norm", "normalize", "sum",
+                 "prod", "cumsum", "cumprod", "exp", "expm1", "log", "log1p", "log2", "log10", "pow", "__pow__", "__rpow__",
+                 "rsqrt", "reciprocal", "softplus", "cosine_similarity", "cdist", "dist", "erfinv", "tan", "sinh", "cosh",
+                 "acos", "asin", "renorm", "pdist"}
+_AUTOCAST: list["Autocast"] = []  # the active one (our SDPA model casts its inputs through it)
+
+
+class Autocast(TorchFunctionMode):
+    """CUDA autocast, applied to any device: the inputs of AUTOCAST_LOWER ops are cast to `dtype`, those
+    of AUTOCAST_FP32 ops from fp16/bf16 to fp32. Like autocast, casts of fp32 leaf tensors that require
+    grad (the LoRA weights) are cached until the context ends."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype, self.cache = dtype, {}
+
+    def cast(self, x, dtype):
+        if not (isinstance(x, torch.Tensor) and x.is_floating_point()) or x.dtype in (dtype, torch.float64):
+            return x
+        if dtype == torch.float32 and x.dtype not in (torch.float16, torch.bfloat16):
+            return x
+        if x.is_leaf and x.requires_grad and x.dtype == torch.float32:  # autocast's weight cache
+            key = id(x)
+            if key not in self.cache:
+                self.cache[key] = (x, x.to(dtype))  # (x is kept so that the id stays its own)
+            return self.cache[key][1]
+        return x.to(dtype)
+
+    def _cast_all(self, args, kwargs, dtype):
+        cast = lambda v: [self.cast(x, dtype) for x in v] if isinstance(v, (list, tuple)) else self.cast(v, dtype)
+        return [cast(a) for a in args], {k: cast(v) for k, v in kwargs.items()}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in AUTOCAST_LOWER:
+            args, kwargs = self._cast_all(args, kwargs, self.dtype)
+        elif name in AUTOCAST_FP32:
+            args, kwargs = self._cast_all(args, kwargs, torch.float32)
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        _AUTOCAST.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _AUTOCAST.remove(self)
+        self.cache.clear()
+        return super().__exit__(*exc)
+
+
+def sdpa_kernel(target: str, dtype: torch.dtype, head_dim: int, has_mask: bool) -> str:
+    """The kernel torch.nn.functional.scaled_dot_product_attention picks, by its default priority
+    (torch._C._get_sdp_priority_order(): flash, memory-efficient, math; cuDNN after math, so never).
+    CUDA (sm80+, e.g. RTX 30xx/40xx, A100, H100): flash takes fp16/bf16 without a mask, head dim <= 256
+    and a multiple of 8; memory-efficient takes fp32 too, and masks. (A T4, sm75, has no flash; its
+    memory-efficient kernel needs about the same memory.) The CPU: asked of PyTorch itself."""
+    if target == "cpu":
+        q = torch.empty(1, 1, 8, head_dim, dtype=dtype)
+        mask = torch.zeros(1, 1, 8, 8, dtype=dtype) if has_mask else None
+        params = torch.backends.cuda.SDPAParams(q, q, q, mask, 0.0, False, False)
+        return {1: "cpu flash"}.get(int(torch._fused_sdp_choice(q, q, q, mask)), "math") if params is not None else "math"
+    if dtype in (torch.float16, torch.bfloat16) and not has_mask and head_dim <= 256 and head_dim % 8 == 0:
+        return "flash"
+    if head_dim % (8 if dtype != torch.float32 else 4) == 0:
+        return "memory-efficient"
+    return "math"
+
+
+def attention_model(target: str, original, chosen: dict):
+    """A stand-in for F.scaled_dot_product_attention that runs, on meta, the kernel `target` would pick:
+    its own meta function allocates what the kernel allocates (output, log-sum-exp; in backward the
+    gradients), where the math fallback would store the (B, heads, L, S) scores. `chosen` collects
+    {kernel: number of calls}."""
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if _AUTOCAST:
+            query, key, value = (_AUTOCAST[-1].cast(x, _AUTOCAST[-1].dtype) for x in (query, key, value))
+        kernel = sdpa_kernel(target, query.dtype, query.shape[-1], attn_mask is not None)
+        if enable_gqa or query.dim() != 4:
+            kernel = "math"
+        chosen[kernel] = chosen.get(kernel, 0) + 1
+        grad = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
+        if kernel == "flash":
+            return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False, scale=scale)[0]
+        if kernel == "memory-efficient":
+            mask = attn_mask.to(query.dtype) if attn_mask is not None and attn_mask.dtype == torch.bool else attn_mask
+            return aten._scaled_dot_product_efficient_attention(query, key, value, mask, grad, dropout_p, is_causal,
+                                                                scale=scale)[0]
+        if kernel == "cpu flash":
+            return aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal,
+                                                                    attn_mask=attn_mask, scale=scale)[0]
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    return sdpa
+
+
+# Device memory outside the tensors, on CUDA, with where each figure comes from.
+CUBLAS_WORKSPACE = {"hopper": 32 * 2**20, "other": 8 * 2**20 + 128 * 2**10}
+CUDA_CONTEXT = 512 * 2**20
+
+
+def cuda_overheads(hopper: bool = False) -> list[tuple[str, int, str]]:
+    """(what, bytes, source) of the device memory the tracker cannot see, on CUDA."""
+    ws = CUBLAS_WORKSPACE["hopper" if hopper else "other"]
+    return [
+        ("cuBLAS workspace", ws, "PyTorch's default CUBLAS_WORKSPACE_CONFIG (:4096:8 = 32 MiB on Hopper, :4096:2:16:8 "
+                                 "= 8.1 MiB before; aten/src/ATen/cuda/CublasHandlePool.cpp), one stream, from the "
+                                 "caching allocator"),
+        ("CUDA context", CUDA_CONTEXT, "the driver's context and lazily loaded kernels (CUDA_MODULE_LOADING=LAZY): "
+                                       "0.3-0.6 GiB depending on GPU and driver; 0.5 GiB assumed, not in "
+                                       "max_memory_allocated but in what the card has free"),
+    ]
+
+
+# --- the simulation ------------------------------------------------------------------------------------
+
+def _train_module():
+    """train.py: the repository's `train`, or the installed copy (minsdxl_scripts.train)."""
+    try:
+        import train
+    except ImportError:
+        from minsdxl_scripts import train
+    return train
+
+
+@dataclass
+class Plan:
+    """The prediction of one run: each phase's peak, and the modelled extras on the device."""
+
+    title: str
+    target: str  # "cuda" or "cpu"
+    phases: list[PhasePeak]
+    extras: list[tuple[str, int, str]]  # (what, bytes, source), added to every phase's peak
+    attention: dict[str, int]  # SDPA kernel -> calls in the simulated program
+    notes: list[str] = field(default_factory=list)
 
     @property
-    def total(self) -> int:
-        return self.weights + self.adapters + self.gradients + self.optimizer + self.activations
+    def extra_bytes(self) -> int:
+        return sum(b for _, b, _ in self.extras)
 
-    def rows(self) -> list[tuple[str, int]]:
-        return [("frozen UNet weights", self.weights), ("LoRA adapters (fp32)", self.adapters),
-                ("gradients (fp32)", self.gradients), ("optimizer state", self.optimizer),
-                ("activations", self.activations), ("total (fused attention)", self.total),
-                ("+ attention matrix if SDPA uses the math kernel", self.attention_matrices)]
+    def phase(self, name: str) -> PhasePeak:
+        return next(p for p in self.phases if p.name == name)
 
+    @property
+    def peak(self) -> int:
+        """The largest phase peak, the extras included: what has to fit the device."""
+        return max(p.peak for p in self.phases) + self.extra_bytes
 
-def _activation_bytes(unet: UNet, x, t, context, pooled, time_ids) -> tuple[int, dict[int, int], int, int, int]:
-    """Run forward on meta; returns (bytes saved outside blocks, {block: bytes saved inside},
-    block input bytes, largest attention matrix bytes, bytes of all attention matrices)."""
-    params = {id(p) for p in unet.parameters()}
-    B, _, H, W = x.shape
-    heads = set(unet.config.num_heads)
-    tokens = {(H >> level) * (W >> level) for level in range(len(unet.config.block_out_channels))}  # L per level
+    def to_json(self) -> dict:
+        return {"title": self.title, "device": self.target, "peak_bytes": self.peak,
+                "phases": [{"phase": p.name, "peak_bytes": p.peak + self.extra_bytes, "tensor_peak_bytes": p.peak,
+                            "start_bytes": p.start, "at_peak_by_kind": p.by_kind} for p in self.phases],
+                "modelled": [{"what": w, "bytes": b, "source": s} for w, b, s in self.extras],
+                "attention_kernels": self.attention, "notes": self.notes}
 
-    def is_attention_matrix(t: torch.Tensor) -> bool:
-        """(B, heads, L, S) with L a level's token count and S = L (self) or the text length (cross)."""
-        return (t.dim() == 4 and t.shape[0] == B and t.shape[1] in heads and t.shape[2] in tokens
-                and t.shape[3] in (t.shape[2], context.shape[1]))
-    seen: dict[int, torch.Tensor] = {}  # id -> tensor, kept alive so that ids stay unique
-    inside: dict[int, int] = {}
-    outside = [0]
-    current: list[int] = []
-    block_inputs = [0]
-    attn = [0, 0]
-
-    def pack(tensor):
-        base = tensor._base if tensor._base is not None else tensor  # a transposed weight is a view of it
-        if id(base) in params or id(tensor) in seen or not tensor.is_floating_point():
-            return tensor
-        seen[id(tensor)] = tensor
-        nbytes = tensor.numel() * tensor.element_size()
-        if is_attention_matrix(tensor):  # (B, heads, L, S) scores or probabilities
-            attn[0] = max(attn[0], nbytes)
-            attn[1] += nbytes
-            return tensor
-        if current:
-            inside[current[-1]] = inside.get(current[-1], 0) + nbytes
-        else:
-            outside[0] += nbytes
-        return tensor
-
-    hooks = []
-    for m in unet.modules():
-        if isinstance(m, (ResnetBlock2D, BasicTransformerBlock)):
-            def pre(mod, inputs):
-                current.append(id(mod))
-                block_inputs[0] += inputs[0].numel() * inputs[0].element_size()
-            def post(mod, inputs, output):
-                current.pop()  # (returning nothing: a forward hook's return value would replace the output)
-            hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        unet(x, t, context, pooled, time_ids)
-    for h in hooks:
-        h.remove()
-    return outside[0], inside, block_inputs[0], attn[0], attn[1]
+    def table(self, measured: dict[str, int] | None = None) -> str:
+        """The per-phase table (GiB; MiB for a tiny model), with a measured column if given."""
+        unit, size = ("GiB", GiB) if self.peak >= GiB else ("MiB", 2**20)
+        head = f"| phase | predicted {unit} | of which, at the peak |" + (f" measured {unit} |" if measured else "")
+        lines = [f"{self.title}", "", head, "| --- | ---: | --- |" + (" ---: |" if measured else "")]
+        for p in self.phases:
+            parts = ", ".join(f"{k} {v / size:.2f}" for k, v in sorted(p.by_kind.items(), key=lambda kv: -kv[1])
+                              if v >= size / 100)
+            row = f"| {p.name} | {(p.peak + self.extra_bytes) / size:.2f} | {parts} |"
+            if measured:
+                row += f" {measured[p.name] / size:.2f} |" if p.name in measured else " |"
+            lines.append(row)
+        for what, b, source in self.extras:
+            lines.append(f"| + {what} (in every row) | {b / size:.2f} | {source} |" + (" |" if measured else ""))
+        if measured:
+            lines.append("(measured: torch.cuda.max_memory_allocated, which leaves out the CUDA context line)")
+        lines.append(f"\npeak {self.peak / GiB:.2f} GiB; attention kernels: "
+                     + ", ".join(f"{k} x{v}" for k, v in self.attention.items()))
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
 
 
-def training_budget(cfg: UNetConfig, resolution: int = 1024, batch: int = 1, rank: int = 16, targets=ATTN_TARGETS,
-                    checkpointing: bool = True, dtype: torch.dtype = torch.bfloat16, optimizer: str = "adamw") -> Budget:
-    """The memory of one LoRA training step of UNet(cfg) (text and latents cached, as train.py does)."""
+def _models(args, target: str, weight_dtype, tracker: Tracker, train):
+    """The text encoders, tokenizers and VAE as train.py loads them (fp32), on meta; their storages
+    are counted as host memory (train.py loads them into CPU memory)."""
+    from .loading import CLIP_TOKENIZER_DIR, SDXL_VAE_CONFIG, load_text_encoders, load_tokenizers, load_vae, sdxl_text_encoder_configs
+    source = args.pretrained_model_name_or_path
+    local = source is not None and Path(source).exists()
+    if local:  # the real loaders, reading only the files' headers (device="meta")
+        tes = load_text_encoders(source, dtype=torch.float32, device="meta", variant=args.variant)
+        tokenizers = load_tokenizers(source)
+        vae = load_vae(args.pretrained_vae_model_name_or_path or source, dtype=torch.float32, device="meta")
+    else:  # SDXL base 1.0's own configs
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        with torch.device("meta"):
+            c1, c2 = sdxl_text_encoder_configs()
+            tes = (CLIPTextModel(c1).eval().requires_grad_(False), CLIPTextModelWithProjection(c2).eval().requires_grad_(False))
+            vae = AutoencoderKL.from_config(SDXL_VAE_CONFIG).eval().requires_grad_(False)
+        tokenizers = (CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR)),
+                      CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR), pad_token="!"))
+    return tes, tokenizers, vae, local
+
+
+def _unet(args, weight_dtype, local: bool):
+    from .config import UNetConfig
+    from .loading import load_unet
+    from .unet import UNet
+    if local:
+        return load_unet(args.pretrained_model_name_or_path, dtype=weight_dtype, device="meta", variant=args.variant)
     with torch.device("meta"):
-        unet = UNet(cfg).to(dtype)
-        side = resolution // 8
-        x = torch.zeros(batch, cfg.in_channels, side, side, dtype=dtype)
-        context = torch.zeros(batch, 77, cfg.cross_attention_dim, dtype=dtype)
-        pooled, time_ids = torch.zeros(batch, cfg.pooled_text_dim, dtype=dtype), torch.zeros(batch, 6, dtype=dtype)
-        t = torch.full((batch,), 500.0)
-    frozen = sum(p.numel() * p.element_size() for p in unet.parameters())
-    lora.inject(unet, list(targets), rank=rank, alpha=rank, dtype=torch.float32)
-    trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):  # the dtypes of a real step
-        outside, inside, inputs, attn_max, attn_all = _activation_bytes(unet, x, t, context, pooled, time_ids)
-    if checkpointing:
-        activations = outside + inputs + max(inside.values(), default=0)
-        attention = attn_max
+        return UNet(UNetConfig.sdxl_base()).to(weight_dtype).eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _seams(train, tracker: Tracker, target: str, chosen: dict):
+    """What the simulation changes in the program it runs: autocast and SDPA as on `target`, and the
+    staging of models as host/device bookkeeping instead of copies."""
+    saved = (train.autocast, train.staged, F.scaled_dot_product_attention)
+
+    def autocast(device, dtype):
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        if target == "cpu":
+            raise SimulationError("the CPU simulation is for fp32 (--mixed_precision no)")
+        return Autocast(dtype)
+
+    @contextlib.contextmanager
+    def staged(device, *models):
+        was_host = [tracker.is_host(m) for m in models]
+        for m in models:
+            tracker.on_host(m, False)
+        try:
+            yield
+        finally:
+            for m, host in zip(models, was_host):
+                tracker.on_host(m, host)
+    def checkpoint(fn, *args, **kwargs):
+        # Checkpointing re-runs a block's forward inside backward under the autocast of its first run:
+        # torch.utils.checkpoint restores torch.autocast's state, not our Autocast mode, so we hand it over.
+        dtype = _AUTOCAST[-1].dtype if _AUTOCAST else None
+        contexts = lambda: (contextlib.nullcontext(), Autocast(dtype) if dtype else contextlib.nullcontext())
+        return torch_checkpoint(fn, *args, context_fn=contexts, **kwargs)
+    from . import unet as unet_module
+    torch_checkpoint = unet_module.checkpoint
+    train.autocast, train.staged, F.scaled_dot_product_attention = autocast, staged, attention_model(target, saved[2], chosen)
+    unet_module.checkpoint = checkpoint
+    try:
+        yield
+    finally:
+        train.autocast, train.staged, F.scaled_dot_product_attention = saved
+        unet_module.checkpoint = torch_checkpoint
+
+
+def simulate(args: argparse.Namespace, target: str | None = None, steps: int = 2) -> Plan:
+    """Predict the device memory of `train.py` with these (parsed, checked) flags, phase by phase, on
+    `target` ("cuda", default; or "cpu"). Nothing is loaded but file headers; nothing is written but
+    temporary files."""
+    train = _train_module()
+    args = copy.copy(args)
+    target = target or (torch.device(args.device).type if args.device else "cuda")
+    if target not in ("cuda", "cpu"):
+        raise SimulationError(f"--device {args.device}: the simulator knows CUDA and the CPU")
+    if args.mixed_precision is None:
+        args.mixed_precision = "bf16" if target == "cuda" else "no"
+    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    if args.optimizer == "adamw8bit":
+        raise SimulationError("--optimizer adamw8bit (bitsandbytes) cannot run on meta; adafactor or adamw can be simulated")
+    tracker = Tracker("meta", block=CUDA_BLOCK if target == "cuda" else 1)
+    chosen: dict[str, int] = {}
+    device = torch.device("meta")
+    notes = []
+    with _seams(train, tracker, target, chosen), tracker, tempfile.TemporaryDirectory() as tmp:
+        # 2. The frozen encoders, in CPU memory.
+        with tracker.phase("load encoders", "encoders"):  # (into CPU memory: nothing on the device)
+            with tracker.paused():
+                tes, tokenizers, vae, local = _models(args, target, weight_dtype, tracker, train)
+            for m in (*tes, vae):
+                tracker.register(m, host=True)
+        if not local:
+            given = args.pretrained_model_name_or_path
+            notes.append("models: SDXL base 1.0's own configs (" + (f"{given} is not on this machine" if given else "no model given") + ")")
+        side = args.resolution
+        # 3. Caches, each encoder alone on the device.
+        if args.cache_latents:
+            with tracker.phase("cache latents", "activations"), train.staged(device, vae):
+                train.encode_image(vae, torch.zeros(3, side, side))
+        prompt = None
+        if args.cache_text_embeddings:
+            with tracker.phase("cache text", "activations"), train.staged(device, *tes):
+                prompt = train.encode_captions(tes, tokenizers, ["a photo of a cat"])  # (CPU copies: zeros)
+        vae = train.vae_after_caching(vae, args, weight_dtype)
+        tracker.on_host(vae)  # (its converted weights too)
+        # 4. The UNet; the encoders a step runs.
+        with tracker.phase("load UNet", "weights"):
+            fp8 = getattr(args, "fp8_base", False)
+            with tracker.paused():
+                unet = _unet(args, weight_dtype, local)
+                if fp8:  # train.py quantizes in CPU memory, then moves the fp8 UNet to the device
+                    from .fp8 import quantize_fp8
+                    quantize_fp8(unet, weight_dtype)
+            tracker.register(unet)
+            if not fp8:  # straight onto the device, one tensor at a time in its file dtype, then converted
+                tracker.transient(max(p.numel() for p in unet.parameters()) * 2)
+            if not args.cache_latents:
+                tracker.on_host(vae, False)
+            if args.train_text_encoder or not args.cache_text_embeddings:
+                for te in tes:
+                    te.to(weight_dtype if args.train_text_encoder else torch.float32)
+                    tracker.on_host(te, False)
+        # 5. LoRA
+        with tracker.phase("add LoRA", "LoRA adapters"):
+            adapted, trainable_named = train.add_adapters(args, unet, tes, lambda *a, **k: None)
+        trainable = list(trainable_named.values())
+        unet.set_gradient_checkpointing(args.gradient_checkpointing)
+        # 6., 7. Optimizer and training steps
+        _train_steps(train, args, tracker, unet, tes, tokenizers, vae, adapted, trainable_named, trainable,
+                     weight_dtype, device, steps)
+        # Validation
+        if args.validation_prompt:
+            v_args = copy.copy(args)
+            v_args.validation_inference_steps = 1  # every denoising step needs the same memory
+            meter = _TrackerMeter(tracker)
+            conditioning = train.guidance_conditioning(prompt[0][0], prompt[1][0], device, weight_dtype) if prompt else None
+            train.validation_images(unet, vae, tes, tokenizers, v_args, device, weight_dtype, [0], meter=meter,
+                                    conditioning=conditioning)
+        # 8. Save
+        with tracker.phase("save", "saving"):
+            out = Path(tmp)
+            train.save_sdxl_lora(unet, out / "a.safetensors", format="kohya",
+                                 text_encoders=tes if args.train_text_encoder else None)
+    if "math" in chosen and target == "cuda":
+        notes.append("some attention runs SDPA's math kernel, which stores the (B, heads, L, S) scores")
+    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[weight_dtype]
+    title = (f"{'demo (tiny)' if args.demo else Path(str(args.pretrained_model_name_or_path or 'SDXL base')).name}, "
+             f"{target}, {args.resolution}x{args.resolution}, batch {args.train_batch_size}, rank {args.rank} on "
+             f"{args.lora_targets}, {dtype_name}{' + fp8 base' if getattr(args, 'fp8_base', False) else ''}, "
+             f"{args.optimizer}, checkpointing {'on' if args.gradient_checkpointing else 'off'}"
+             f"{', text encoders trained' if args.train_text_encoder else ''}")
+    extras = cuda_overheads(hopper=False) if target == "cuda" else []
+    assumed = getattr(args, "_assumed", {})
+    if assumed:
+        notes.append("not given, so the 12 GB recipe's (train.py's own defaults differ; --train_defaults for those): "
+                     + " ".join(f"--{k}" if v is True else f"--{k} {v}" for k, v in assumed.items()))
+    return Plan(title, target, tracker.phases, extras, chosen, notes)
+
+
+class _TrackerMeter:
+    """train.PhaseMeter's interface over the tracker: validation_images marks its phases with it."""
+
+    def __init__(self, tracker: Tracker):
+        self.tracker = tracker
+
+    def phase(self, name: str):
+        return self.tracker.phase(name, "activations")
+
+
+def _train_steps(train, args, tracker, unet, tes, tokenizers, vae, adapted, trainable_named, trainable,
+                 weight_dtype, device, steps: int) -> None:
+    """`steps` optimizer steps of train.py's loop (each with up to two micro-batches when accumulating)."""
+    from .schedule import NoiseSchedule
+    lr = args.learning_rate
+    groups = [{"params": [p for n, p in trainable_named.items() if not n.startswith(("te1.", "te2."))], "lr": lr}]
+    if args.train_text_encoder:
+        groups.append({"params": [p for n, p in trainable_named.items() if n.startswith(("te1.", "te2."))], "lr": lr})
+    sched = NoiseSchedule()
+    B, side = args.train_batch_size, args.resolution // 8
+    micro = min(args.gradient_accumulation_steps, 2)
+    with tracker.phase("train step", "optimizer state"):
+        optimizer = train.make_optimizer(args, groups, device)
+        if args.optimizer == "adamw" and args.device != "cpu" and (args.device or "cuda").startswith("cuda"):
+            for g in optimizer.param_groups:  # on CUDA torch's AdamW defaults to its foreach kernels (meta: the loop)
+                g["foreach"] = True
+        ema = train.EMA(trainable_named, args.ema_decay, "cpu" if args.ema_on_cpu else device) if args.use_ema else None
+        scaler = torch.amp.GradScaler("cuda", enabled=False)  # fp16's loss scaling works in place
+        for m in adapted.values():
+            m.train()
+        for _ in range(steps):
+            for _ in range(micro):
+                with tracker.labelled("activations"):
+                    x0 = torch.zeros(B, 4, side, side)
+                    if args.train_text_encoder or not args.cache_text_embeddings:
+                        with train.autocast(device, weight_dtype):
+                            context, pooled = train.encode_text(tes, tokenizers, ["a photo of a cat"] * B)
+                    else:
+                        context, pooled = torch.zeros(B, 77, unet.config.cross_attention_dim), torch.zeros(B, unet.config.pooled_text_dim)
+                    if not args.cache_latents:
+                        x0 = torch.stack([train.encode_image(vae, torch.zeros(3, args.resolution, args.resolution)) for _ in range(B)])
+                    time_ids = torch.zeros(B, 6)
+                    noise, t = torch.zeros(x0.shape), torch.full((B,), 500)
+                    loss, _ = train.batch_loss(unet, sched, x0, noise, t, context, pooled, time_ids, device, weight_dtype,
+                                               args.prediction_type or "epsilon", args.snr_gamma)
+                with tracker.labelled("backward"):
+                    (loss / args.gradient_accumulation_steps).backward()
+                del loss
+            with tracker.labelled("optimizer state"):
+                train.optimizer_step(optimizer, scaler, trainable, args.max_grad_norm, ema, trainable_named)
+    del optimizer, ema
+
+
+class _NoTracker:
+    """Tracker's marks as no-ops: for running _train_steps on real tensors."""
+
+    phase = labelled = staticmethod(lambda *a, **k: contextlib.nullcontext())
+
+
+def profiler_peak(fn) -> int:
+    """The peak of live CPU allocations while `fn()` runs, above what was live before: the running sum of
+    the PyTorch profiler's allocation and free events ([memory] events, in time order). This is the
+    allocator's own record, independent of our tracker: it sees every tensor, kernels' scratch buffers too."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def check_step_on_cpu(args: argparse.Namespace, random_weights: bool = False, steps: int = 2) -> dict:
+    """The training step's peak of live tensors above what is live before it, predicted (simulate, on
+    meta) and measured (the same train.py functions on real CPU tensors, profiler_peak), in fp32.
+    `random_weights`: build the full SDXL UNet (and text encoders) at random instead of loading files."""
+    train = _train_module()
+    args = copy.copy(args)
+    args.mixed_precision, args.device = "no", "cpu"
+    plan = simulate(args, "cpu", steps=steps)
+    step = plan.phase("train step")
+    predicted = step.peak - step.start
+    from .loading import load_text_encoders, load_tokenizers, load_unet, load_vae
+    if random_weights:
+        from .config import UNetConfig
+        from .unet import UNet
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+        from .loading import CLIP_TOKENIZER_DIR, sdxl_text_encoder_configs
+        from transformers import CLIPTokenizer
+        unet = UNet(UNetConfig.sdxl_base()).requires_grad_(False)
+        c1, c2 = sdxl_text_encoder_configs()
+        tes = (CLIPTextModel(c1).requires_grad_(False), CLIPTextModelWithProjection(c2).requires_grad_(False)) \
+            if args.train_text_encoder else (None, None)
+        tokenizers = (CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR)),
+                      CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR), pad_token="!"))
+        vae = None
     else:
-        activations = outside + sum(inside.values())
-        attention = attn_all
-    return Budget(frozen, 4 * trainable, 4 * trainable, OPTIMIZER_STATE_BYTES[optimizer] * trainable, activations, attention)
+        source = args.pretrained_model_name_or_path
+        unet = load_unet(source, dtype=torch.float32)
+        tes, tokenizers, vae = load_text_encoders(source), load_tokenizers(source), load_vae(source)
+    adapted, trainable_named = train.add_adapters(args, unet, tes, lambda *a, **k: None)
+    unet.set_gradient_checkpointing(args.gradient_checkpointing)
+    run = lambda: _train_steps(train, args, _NoTracker(), unet, tes, tokenizers, vae, adapted, trainable_named,
+                               list(trainable_named.values()), torch.float32, torch.device("cpu"), steps)
+    measured = profiler_peak(run)
+    return {"predicted": predicted, "measured": measured, "ratio": measured / predicted, "title": plan.title}
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", choices=["sdxl_base", "tiny"], default="sdxl_base")
-    p.add_argument("--resolution", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--dtype", choices=DTYPES, default="bf16")
-    p.add_argument("--optimizer", choices=OPTIMIZER_STATE_BYTES, default="adamw")
-    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--markdown", action="store_true")
-    args = p.parse_args(argv)
-    if args.resolution % 64 or args.resolution < 64:
-        p.error(f"--resolution {args.resolution} must be a positive multiple of 64 (the VAE's 8 x the UNet's 2x downsamplings)")
-    cfg = UNetConfig.sdxl_base() if args.config == "sdxl_base" else UNetConfig.tiny()
-    budget = training_budget(cfg, args.resolution, args.batch, args.rank, checkpointing=args.checkpointing,
-                             dtype=DTYPES[args.dtype], optimizer=args.optimizer)
-    title = (f"{args.config}, {args.resolution}x{args.resolution}, batch {args.batch}, rank {args.rank} on "
-             f"{'/'.join(ATTN_TARGETS)}, {args.dtype}, {args.optimizer}, checkpointing {'on' if args.checkpointing else 'off'}")
-    if args.markdown:
-        print(f"| {title} | GiB |\n| --- | ---: |")
-        for name, n in budget.rows():
-            print(f"| {name} | {n / 2**30:.2f} |")
-        return
-    print(title)
-    for name, n in budget.rows():
-        print(f"  {name:<48} {n / 2**30:8.2f} GiB")
+# --- suggestions ----------------------------------------------------------------------------------------
+
+def parse_size(text: str) -> int:
+    """'12GB' / '12 GiB' / '11.5G' -> bytes (GB taken as GiB, as cards are sold: a '12 GB' card has 12 GiB)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(G|GB|GiB|M|MB|MiB)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"--vram {text!r}: give a size such as 12GB or 11.5GiB")
+    unit = (m.group(2) or "G").upper()
+    return int(float(m.group(1)) * (2**20 if unit.startswith("M") else 2**30))
+
+
+FRAGMENTATION_MARGIN = 0.05  # the allocator's reserved-but-unused blocks: not predicted, so 5% is kept free
+
+
+def fits(plan: Plan, vram: int) -> bool:
+    """The peak, with FRAGMENTATION_MARGIN on what the allocator hands out (not on the CUDA context), <= vram."""
+    context = sum(b for what, b, _ in plan.extras if what == "CUDA context")
+    return (plan.peak - context) * (1 + FRAGMENTATION_MARGIN) + context <= vram
+
+
+CHANGES = [  # (what to write on the command line, the change), cheapest first
+    ("--gradient_checkpointing", {"gradient_checkpointing": True}),
+    ("--cache_latents --cache_text_embeddings", {"cache_latents": True, "cache_text_embeddings": True}),
+    ("--ema_on_cpu", {"ema_on_cpu": True}),
+    ("--fp8_base", {"fp8_base": True}),
+    ("--rank 8", {"rank": 8}),
+    ("--train_batch_size 1 (with --gradient_accumulation_steps for the same global batch)", {"train_batch_size": 1}),
+    ("--optimizer adafactor", {"optimizer": "adafactor"}),
+]
+
+
+def suggestions(args: argparse.Namespace, vram: int, target: str = "cuda") -> list[tuple[str, Plan]]:
+    """Single changes to the flags, each with its predicted plan: those that fit first; if none fits
+    alone, the changes applied together in order until the run fits."""
+    out = []
+    for label, change in CHANGES:
+        if all(getattr(args, k, None) == v for k, v in change.items()):
+            continue
+        if label.startswith("--rank") and args.rank <= 8 or label.startswith("--train_batch_size") and args.train_batch_size == 1:
+            continue
+        if label == "--ema_on_cpu" and not args.use_ema:
+            continue
+        if label.startswith("--cache") and args.train_text_encoder and args.cache_latents:
+            continue
+        try:
+            plan = simulate(argparse.Namespace(**{**vars(args), **change}), target)
+        except (SimulationError, ImportError):
+            continue
+        out.append((label, plan))
+        if sum(fits(p, vram) for _, p in out) == 2:
+            break  # the two cheapest changes that fit are enough to choose from
+    fitting = [(label, plan) for label, plan in out if fits(plan, vram)]
+    if fitting:
+        return sorted(fitting, key=lambda lp: lp[1].peak)
+    combined, labels = copy.copy(args), []
+    for label, plan in out:
+        for k, v in next(c for l, c in CHANGES if l == label).items():
+            setattr(combined, k, v)
+        labels.append(label)
+        plan = simulate(combined, target)
+        if fits(plan, vram):
+            return [(" ".join(labels), plan)]
+    return [(" ".join(labels) + " (still too large)", plan)] if labels else []
+
+
+# --- the command line -------------------------------------------------------------------------------------
+
+# The 12 GB recipe (docs/memory.md): used for these flags when they are not given, unless --train_defaults.
+RECIPE = {"train_batch_size": 1, "rank": 16, "gradient_checkpointing": True}
+
+
+def parse_args(argv: list[str] | None):
+    """train.py's flags (its own parser, --config included) plus --vram, --json and --train_defaults."""
+    train = _train_module()
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--vram", help="the card's memory, e.g. 12GB: says whether the run fits and what would make it fit")
+    extra.add_argument("--json", action="store_true", help="print the plan as JSON")
+    extra.add_argument("--train_defaults", action="store_true",
+                       help="flags not given take train.py's defaults (batch 16, rank 4, no checkpointing), not the recipe's")
+    ours, rest = extra.parse_known_args(argv)
+    if any(a in ("-h", "--help") for a in rest):
+        print(__doc__)
+        print("memory-only flags:\n  --vram SIZE        the card's memory, e.g. 12GB\n  --json             the plan as JSON\n"
+              "  --train_defaults   flags not given take train.py's defaults, not the 12 GB recipe's "
+              f"({' '.join(f'--{k} {v}' for k, v in RECIPE.items())})\nand every flag of train.py (python train.py --help)")
+        raise SystemExit(0)
+    args = train.parse_args(rest)
+    args._assumed = {}
+    if not ours.train_defaults:
+        for key, value in RECIPE.items():
+            if key not in args._explicit:
+                setattr(args, key, value)
+                args._assumed[key] = value
+    if args.demo:  # train.py --demo's tiny model and settings, written to a temporary folder
+        args.output_dir = tempfile.mkdtemp(prefix="minsdxl-memory-")
+        for key in RECIPE:
+            if key in args._assumed:
+                setattr(args, key, train.build_parser().get_default(key))
+        args._assumed = {}
+        train.apply_demo_defaults(args)
+    if args.use_8bit_adam:
+        args.optimizer = "adamw8bit"
+    if args.train_text_encoder:
+        args.cache_text_embeddings = False
+    return args, ours
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, ours = parse_args(argv)
+    try:
+        vram = parse_size(ours.vram) if ours.vram else None
+        plan = simulate(args)
+    except (SimulationError, ValueError) as e:
+        sys.exit(f"minsdxl.memory: error: {e}")
+    result = plan.to_json()
+    if vram is not None:
+        result["vram_bytes"], result["fits"] = vram, fits(plan, vram)
+        result["suggestions"] = [] if result["fits"] else [
+            {"change": label, "peak_bytes": p.peak, "fits": fits(p, vram)} for label, p in suggestions(args, vram, plan.target)]
+    if ours.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(plan.table())
+    if vram is not None:
+        verdict = "fits" if result["fits"] else "does NOT fit"
+        print(f"\n{verdict} in {vram / GiB:.1f} GiB (predicted peak {plan.peak / GiB:.2f} GiB + {FRAGMENTATION_MARGIN:.0%} "
+              f"kept for the allocator's fragmentation)")
+        for s in result.get("suggestions", []):
+            print(f"  {s['change']}: peak {s['peak_bytes'] / GiB:.2f} GiB{'' if s['fits'] else ' (does not fit)'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
