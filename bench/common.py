@@ -18,6 +18,9 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from minsdxl.loading import sdxl_text_encoder_configs  # noqa: E402,F401  (the benchmarks' text encoders)
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -111,15 +114,18 @@ def time_alternating(fns: dict[str, callable], repeats: int, device="cpu", warmu
 @torch.no_grad()
 def random_init_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Fast deterministic weights with the default init's scale (uniform +-1/sqrt(fan_in)); norms at
-    weight 1, bias 0. Speed and memory do not depend on the values, but denormals would."""
-    g = torch.Generator().manual_seed(seed)
+    weight 1, bias 0. Speed and memory do not depend on the values, but denormals would. The numbers
+    are drawn on the parameters' device (a GPU fills the 2.6B UNet in well under a second; the values
+    then differ from the CPU's, which no benchmark depends on)."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
     for name, p in model.named_parameters():
         if p.ndim == 1 and ("norm" in name.split(".")[-2] if "." in name else False):
             p.fill_(1.0 if name.endswith("weight") else 0.0)
         else:
             fan_in = p[0].numel() if p.ndim > 1 else p.shape[0]
             bound = 1 / math.sqrt(fan_in)
-            p.copy_(torch.rand(p.shape, generator=g).mul_(2 * bound).sub_(bound).to(p.dtype))
+            p.copy_(torch.rand(p.shape, generator=g, device=device).mul_(2 * bound).sub_(bound).to(p.dtype))
     return model
 
 
@@ -152,16 +158,3 @@ def run_child(script: str, *extra: str, drop: tuple[str, ...] = ()) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def sdxl_text_encoder_configs(cross_attention_dim: int = 2048, pooled_dim: int = 1280):
-    """transformers configs of SDXL's two text encoders: for the base UNet (context 2048 = 768 + 1280)
-    CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 at full size; for a smaller UNet, 2-layer encoders whose
-    widths add up to its context width."""
-    from transformers import CLIPTextConfig
-    if cross_attention_dim == 2048:
-        return (CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                               projection_dim=768, hidden_act="quick_gelu"),
-                CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                               projection_dim=1280, hidden_act="gelu"))
-    w1, w2 = cross_attention_dim - pooled_dim, pooled_dim
-    return (CLIPTextConfig(hidden_size=w1, intermediate_size=2 * w1, num_hidden_layers=2, num_attention_heads=2, projection_dim=w1),
-            CLIPTextConfig(hidden_size=w2, intermediate_size=2 * w2, num_hidden_layers=2, num_attention_heads=2, projection_dim=w2))

@@ -6,9 +6,12 @@ then loads each to `--dtype` with ours and with diffusers' `UNet2DConditionModel
 / `from_pretrained`, each load in a fresh subprocess (no Python state is shared), alternating. Before
 each load the file is read through (the page cache is warm for both sides) and the bench pauses
 `--settle` seconds (neither side runs while the system still reclaims what the previous one freed).
-Reports wall time and peak RSS growth (the kernel's high-water mark) as ratios.
+Reports wall time and peak RSS growth (the kernel's high-water mark) as ratios. With `--device cuda`
+each side loads onto the GPU (ours straight from the file, diffusers' model then `.to(device)`), and
+the child also reports the GPU's peak allocated bytes.
 
     python bench/load.py --config base --dtype bf16 --repeats 5
+    python bench/load.py --config base --dtype bf16 --device cuda --repeats 2
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def write_checkpoints(config: str, cache: Path) -> tuple[Path, Path]:
+def write_checkpoints(config: str, cache: Path, device: str = "cpu") -> tuple[Path, Path]:
+    """The random UNet as a single file and as a diffusers folder (written once; `device` draws the weights)."""
     import torch
     from safetensors.torch import save_file
 
@@ -39,8 +43,8 @@ def write_checkpoints(config: str, cache: Path) -> tuple[Path, Path]:
     cfg = UNetConfig.sdxl_base() if config == "base" else UNetConfig.tiny()
     with torch.device("meta"):
         model = UNet(cfg)
-    model = random_init_(model.to_empty(device="cpu").half(), seed=0)
-    sd = model.state_dict()
+    model = random_init_(model.half().to_empty(device=device), seed=0)
+    sd = {k: v.cpu() for k, v in model.state_dict().items()}
     (folder / "unet").mkdir(parents=True, exist_ok=True)
     (folder / "unet/config.json").write_text(json.dumps(cfg.to_diffusers_config()))
     save_file(sd, str(folder / "unet/diffusion_pytorch_model.safetensors"))
@@ -57,27 +61,37 @@ def read_through(path: Path) -> None:
             pass
 
 
-def child(side: str, layout: str, path: str, folder: str, dtype: str) -> None:
-    """Runs in a subprocess: one load, prints JSON {seconds, peak_rss}."""
+def child(side: str, layout: str, path: str, folder: str, dtype: str, device: str = "cpu") -> None:
+    """Runs in a subprocess: one load, prints JSON {seconds, peak_rss, peak_vram (CUDA), ...}."""
     import torch
 
-    from bench.common import PeakMemory
+    from bench.common import PeakMemory, sync
 
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    import diffusers  # import cost outside the timed region, for both sides  # noqa: F401
+    try:
+        import diffusers  # import cost outside the timed region, for both sides (the same process state)
+    except ImportError:
+        if side == "reference":
+            raise
     import minsdxl.loading  # noqa: F401
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.zeros(1, device=device)  # the CUDA context: start-up cost, not loading
     with PeakMemory("cpu") as mem:
         start = time.perf_counter()
         if side == "ours":
-            model = minsdxl.loading.load_unet(path if layout == "single" else folder, dtype=dt)
+            model = minsdxl.loading.load_unet(path if layout == "single" else folder, dtype=dt, device=device)
         elif layout == "single":
             model = diffusers.UNet2DConditionModel.from_single_file(path, config=folder, subfolder="unet", torch_dtype=dt)
         else:
             model = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dt)
+        model = model.to(device)  # ours is there already
+        sync(device)
         seconds = time.perf_counter() - start
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    vram = {"peak_vram": torch.cuda.max_memory_allocated(device)} if cuda else {}
     print(json.dumps({"seconds": seconds, "peak_rss": mem.peak, "model_bytes": nbytes,
-                      "dtype": str(next(model.parameters()).dtype)}))
+                      "dtype": str(next(model.parameters()).dtype), **vram}))
 
 
 def main() -> None:
@@ -85,6 +99,7 @@ def main() -> None:
     p.add_argument("--config", choices=["tiny", "base"], default="base")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="where the UNet goes: cpu, or cuda (each side's peak VRAM too)")
     p.add_argument("--cache", default=str(ROOT / "bench/cache"))
     p.add_argument("--settle", type=float, default=5.0,
                    help="seconds to wait before each load: the memory the previous load freed is handed back to a "
@@ -93,7 +108,7 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         side, layout, path, folder = args.child
-        return child(side, layout, path, folder, args.dtype)
+        return child(side, layout, path, folder, args.dtype, args.device)
 
     single, folder = write_checkpoints(args.config, Path(args.cache))
     from bench.common import print_table
@@ -103,7 +118,8 @@ def main() -> None:
             for side in ("reference", "ours"):
                 read_through(single if layout == "single" else folder / "unet/diffusion_pytorch_model.safetensors")
                 time.sleep(args.settle)
-                out = subprocess.run([sys.executable, __file__, "--dtype", args.dtype, "--child", side, layout, str(single), str(folder)],
+                out = subprocess.run([sys.executable, __file__, "--dtype", args.dtype, "--device", args.device,
+                                      "--child", side, layout, str(single), str(folder)],
                                      capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
                 if out.returncode:
                     sys.exit(f"{side} {layout} failed:\n{out.stderr[-3000:]}")
@@ -115,7 +131,7 @@ def main() -> None:
         rows.append((f"{label}: time", min(r["seconds"] for r in ref), min(r["seconds"] for r in ours), "s"))
         rows.append((f"{label}: peak RSS", max(r["peak_rss"] for r in ref), max(r["peak_rss"] for r in ours), "bytes"))
     model_bytes = results[("ours", "single")][0]["model_bytes"]
-    print_table(f"UNet {args.config} loaded to {args.dtype}, best of {args.repeats} (time) / worst (memory), CPU", rows)
+    print_table(f"UNet {args.config} loaded to {args.dtype} on {args.device}, best of {args.repeats} (time) / worst (memory)", rows)
     for layout in ("single", "folder"):
         ref, ours = (sorted(r["seconds"] for r in results[(side, layout)]) for side in ("reference", "ours"))
         print(f"{layout}: every time, reference {', '.join(f'{t:.2f}' for t in ref)} s; ours {', '.join(f'{t:.2f}' for t in ours)} s; "

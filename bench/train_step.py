@@ -3,13 +3,20 @@
 The full SDXL architecture with random weights (memory and speed do not depend on the values),
 cached inputs (latents, text conditioning, time ids: the VAE and text encoders are not on the
 device, as in train.py with caching), the same options on both sides: rank, targets, gradient
-checkpointing, frozen weights in `--dtype` with fp32 LoRA weights under autocast, AdamW. A step is
-noise + forward + MSE loss + backward + optimizer step. Prints seconds per step and peak memory
+checkpointing, frozen weights in `--dtype` with fp32 LoRA weights under autocast, AdamW (or
+bitsandbytes' 8-bit AdamW). A step is noise + forward + MSE loss + backward + optimizer step; in
+fp16 the loss is scaled by a GradScaler, as train.py does. Prints seconds per step and peak memory
 (CPU: peak RSS above the loaded weights, each side in its own subprocess; CUDA: the total peak
 allocated, weights included, which is what has to fit the card, and the peak above the weights).
 
     python bench/train_step.py --config base --latent 32 --repeats 2                    # CPU, fp32
     python bench/train_step.py --config base --latent 128 --dtype bf16 --device cuda   # 1024x1024, the 8 GB goal
+    python bench/train_step.py --config base --latent 128 --dtype bf16 --device cuda --side ours --fp8-base
+
+`--side ours|reference` measures one side alone in this process and prints one JSON line (time of
+each step, peak memory); bench/gpu.py runs its rows that way. `--fp8-base` (minsdxl.fp8: the frozen
+weights stored as float8_e4m3fn) has no diffusers counterpart, so it is for `--side ours` and
+`--variants` only.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import argparse
 import gc
 import json
 import os
+import statistics
+import subprocess
 import sys
 import time
 
@@ -26,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora  # noqa: E402
-from bench.common import PeakMemory, device_name, print_table, run_child, sdxl_text_encoder_configs, time_alternating  # noqa: E402
+from bench.common import PeakMemory, device_name, print_table, run_child, sdxl_text_encoder_configs, sync, time_alternating  # noqa: E402
 from bench.unet import DTYPES, build, make_inputs  # noqa: E402
 from minsdxl import UNetConfig  # noqa: E402
 from minsdxl.lora_files import LORA_TARGET_PRESETS, TEXT_ENCODER_TARGETS  # noqa: E402
@@ -68,13 +77,24 @@ def add_lora(side: str, model, args) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def make_optimizer(params: list[torch.nn.Parameter], name: str) -> torch.optim.Optimizer:
+    """train.py's AdamW, or bitsandbytes' 8-bit AdamW (CUDA; its state is 2 bytes per parameter, not 8)."""
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit(params, lr=1e-4)
+    return torch.optim.AdamW(params, lr=1e-4)
+
+
 def step_fn(side: str, model, params, cfg: UNetConfig, args, encoders=None):
     """One training step on the cached inputs (with `encoders`: the text conditioning computed, with grad)."""
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
     x0, _, context, pooled, time_ids = make_inputs(cfg, args.batch, args.latent, dtype, device)
     x0 = x0.float()
     schedule = NoiseSchedule()
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = make_optimizer(params, args.optimizer)
+    # fp16 runs out of range below 6e-8: scale the loss so small gradients survive, unscale before the
+    # step (skipped if anything overflowed), as train.py does. Disabled, it passes everything through.
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     g = torch.Generator().manual_seed(0)
     ema = [p.detach().clone() for p in params] if side == "ours" and VARIANTS[args.variant].get("ema") else None
 
@@ -95,8 +115,9 @@ def step_fn(side: str, model, params, cfg: UNetConfig, args, encoders=None):
                 pred = model(x_t.to(dtype), t, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
             else:
                 pred = model(x_t.to(dtype), t, context, pooled, time_ids)
-        F.mse_loss(pred.float(), noise).backward()
-        optimizer.step()
+        scaler.scale(F.mse_loss(pred.float(), noise)).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             with torch.no_grad():
@@ -111,6 +132,9 @@ def one_side(side: str, cfg: UNetConfig, args, weights=None, before_lora=None):
     encoders = None
     if side == "ours" and VARIANTS[args.variant].get("text_encoders"):
         encoders = text_encoders(cfg, DTYPES[args.dtype], torch.device(args.device))  # frozen: before the measurement
+    if args.fp8_base:  # before the adapters, as train.py: only the frozen weights become fp8
+        from minsdxl.fp8 import quantize_fp8
+        print(f"fp8 base: {quantize_fp8(model, DTYPES[args.dtype])}", file=sys.stderr)
     if before_lora:
         before_lora()
     params = add_lora(side, model, args)
@@ -121,10 +145,43 @@ def one_side(side: str, cfg: UNetConfig, args, weights=None, before_lora=None):
     return model, step_fn(side, model, params, cfg, args, encoders), sum(p.numel() for p in params)
 
 
+def measure_side(side: str, cfg: UNetConfig, args) -> dict:
+    """One side alone: `--warmup` steps (the optimizer state exists after the first), then `--repeats`
+    timed steps. CUDA: the total peak allocated during the timed steps (weights included: what has to
+    fit the card) and the caching allocator's peak reserved; CPU: peak RSS above the level before the
+    model was built (weights included), over the whole run."""
+    device = torch.device(args.device)
+    rss = PeakMemory(device).__enter__() if device.type == "cpu" else None
+    _, step, n = one_side(side, cfg, args)
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    out = {"side": side, "trainable_params": n, "device": device_name(device)}
+    if device.type == "cuda":
+        out["resident_bytes"] = torch.cuda.memory_allocated(device)  # weights, adapters, optimizer state
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        step()
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        out["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    else:
+        rss.__exit__(None, None, None)
+        out["peak_bytes"] = rss.peak
+    return {**out, "seconds": seconds, "seconds_per_step": statistics.median(seconds)}
+
+
 def main(args):
     cfg = UNetConfig.sdxl_base() if args.config == "base" else UNetConfig.tiny()
     device = torch.device(args.device)
     torch.manual_seed(0)
+    if args.side:
+        print(json.dumps(measure_side(args.side, cfg, args)))
+        return
     if args.memory_only:  # child: one side, a warm-up step (optimizer state exists), then the measured one
         _, step, _ = one_side(args.memory_only, cfg, args)
         step()
@@ -147,10 +204,16 @@ def main(args):
               f"the frozen weights (adapters, gradients, AdamW state, activations), one step's time")
         print(f"{'variant':<44}{'trainable':>14}{'peak memory':>14}{'seconds':>10}")
         for name in VARIANTS:
-            r = run_child(__file__, "--variant-only", "--variant", name, drop=("--variants",))
+            try:
+                r = run_child(__file__, "--variant-only", "--variant", name, drop=("--variants",))
+            except subprocess.CalledProcessError as e:  # e.g. DoRA refuses --fp8-base (it reads the base weight)
+                print(f"{name:<44}  refused: {e.stderr.strip().splitlines()[-1]}", flush=True)
+                continue
             print(f"{name:<44}{r['params']:>14,}{r['peak'] / 2**20:>10,.0f} MiB{r['seconds']:>10.2f}", flush=True)
         return
 
+    if args.fp8_base:
+        raise SystemExit("--fp8-base has no diffusers counterpart: use it with --side ours or --variants")
     ref, ref_step, ref_n = one_side("reference", cfg, args)
     base_weights = {k.replace(".base_layer.", "."): v for k, v in ref.state_dict().items() if "lora_" not in k}
     ours, our_step, our_n = one_side("ours", cfg, args, weights=base_weights)
@@ -183,7 +246,7 @@ def main(args):
         rows.append(("peak memory above weights", peaks["reference"], peaks["ours"], "bytes"))
     print_table(f"LoRA training step, UNet {args.config}, batch {args.batch}, latents {args.latent}x{args.latent}, "
                 f"{args.dtype} weights + fp32 LoRA (rank {args.rank}, {our_n:,} params), checkpointing "
-                f"{'on' if args.checkpointing else 'off'}, {args.repeats} repeats, {device_name(device)}", rows)
+                f"{'on' if args.checkpointing else 'off'}, {args.optimizer}, {args.repeats} repeats, {device_name(device)}", rows)
 
 
 def parse_args(argv=None):
@@ -196,6 +259,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw", help="adamw8bit: bitsandbytes, CUDA")
+    p.add_argument("--fp8-base", action="store_true", help="our frozen UNet weights in float8_e4m3fn (minsdxl.fp8)")
+    p.add_argument("--side", choices=["reference", "ours"], help="measure this side alone; print one JSON line")
+    p.add_argument("--warmup", type=int, default=1, help="--side: untimed steps before the timed ones")
     p.add_argument("--variants", action="store_true", help="ours alone: memory and time of each technique (VARIANTS)")
     p.add_argument("--variant", default="baseline", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--variant-only", action="store_true", help=argparse.SUPPRESS)

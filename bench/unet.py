@@ -28,12 +28,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def build(side: str, cfg: UNetConfig, dtype, device, checkpointing: bool, weights=None):
     """One side's model; `weights` (a state dict) makes it share the other side's tensors."""
-    from diffusers import UNet2DConditionModel
-
     with torch.device("meta"):
-        model = UNet2DConditionModel(**cfg.to_diffusers_config()) if side == "reference" else UNet(cfg)
-    if weights is None:
-        model = random_init_(model.to_empty(device="cpu"), seed=0).to(device=device, dtype=dtype)
+        if side == "reference":
+            from diffusers import UNet2DConditionModel  # a few seconds of imports that our side does not need
+            model = UNet2DConditionModel(**cfg.to_diffusers_config())
+        else:
+            model = UNet(cfg)
+    if weights is None:  # filled where it runs, in its dtype: no fp32 copy of the 2.6B weights on the way
+        model = random_init_(model.to(dtype).to_empty(device=device), seed=0)
     else:
         model.load_state_dict(weights, strict=True, assign=True)
     model.requires_grad_(False).eval()
