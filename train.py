@@ -972,7 +972,7 @@ def run(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) -> d
     make_optimizer(args, [], device, check_only=True)  # 8-bit AdamW off CUDA, a missing optional package
     weight_dtype = pick_precision(args, device)
     meter = PhaseMeter(device)
-    plan = plan_memory(args, device, log) if ddp.main else None
+    plan = plan_memory(args, device, log)  # (every process: each checks its own GPU)
     resume = find_checkpoint(args, out, ddp.world, log) if args.resume_from_checkpoint else None
     check_lora_targets(args, log)
     if ddp.main:
