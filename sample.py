@@ -4,8 +4,8 @@ r"""sample.py: generate SDXL images with the base model and LoRAs.
         --prompt "a photo of a corgi" --lora out/pytorch_lora_weights.safetensors:0.8 --compare
 
 Any source `minsdxl.load_unet` accepts works (single file, diffusers folder, Hub id); `--lora`
-takes kohya or diffusers LoRA files (ours or downloaded), repeatable, each with an optional
-`:SCALE`. Image i of a prompt uses seed `--seed + i`, so any one image can be made again alone.
+takes the LoRA files people share (kohya, LyCORIS LoCon/LoHa/LoKr/DoRA, diffusers; see docs/lora.md),
+repeatable, each with an optional `:STRENGTH`, which means what it means in ComfyUI and A1111. Image i of a prompt uses seed `--seed + i`, so any one image can be made again alone.
 The text -> latents -> image steps are in `minsdxl/generate.py`, the samplers in
 `minsdxl/sampling.py`. `python sample.py --demo` runs on a tiny random SDXL on the CPU.
 """
@@ -152,21 +152,21 @@ def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dty
 
 
 def apply_loras(models: Models, specs: list[tuple[Path, float]], merge: bool) -> None:
-    """Load each LoRA into the UNet (and text encoders) at its scale. One LoRA stays a separate layer
-    unless `merge`; several are each loaded, scaled and baked into the weights in turn, so they add up."""
+    """Load each LoRA file into the UNet (and text encoders) at its strength. LoRA/LoCon/DoRA stay
+    separate layers for one file unless `merge`; LoHa, LoKr and the other weight-change kinds are baked
+    when loaded; with several files each is baked in turn, so they add up."""
     parts = [models.unet, *models.text_encoders]
     for path, scale in specs:
         try:
-            load_sdxl_lora(models.unet, path, text_encoders=models.text_encoders, strict=True)
+            report = load_sdxl_lora(models.unet, path, text_encoders=models.text_encoders, strength=scale, strict=True)
         except (ValueError, LoadError) as e:  # lora.LoRAError is a ValueError; so is DoRA over --fp8_base weights
-            raise SystemExit(f"sample.py: error: --lora {path}: {e}") from None
-        layers = [layer for m in parts for layer in lora.lora_layers(m).values()]
-        if all(not layer.lora_up.weight.any() for layer in layers):
+            said = str(e) if str(e).startswith(str(path)) else f"{path}: {e}"  # the path once
+            raise SystemExit(f"sample.py: error: --lora {said}") from None
+        if report.layers and not report.baked and all(not layer.lora_up.weight.any() for layer in report.layers):
             print(f"warning: {path} changes nothing: every up matrix is zero (saved before any training step?)")
-        print(f"LoRA {path}: {len(layers)} modules at scale {scale}")
-        for m in parts:
-            lora.set_scale(m, scale)
-            if merge or len(specs) > 1:
+        print(f"LoRA {report}")
+        if merge or len(specs) > 1:
+            for m in parts:
                 lora.bake(m)
 
 

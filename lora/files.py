@@ -3,7 +3,10 @@
     peft / diffusers   <prefix><name>.lora_A.weight (down), <prefix><name>.lora_B.weight (up),
                        DoRA: <prefix><name>.lora_magnitude_vector
     kohya (A1111, ComfyUI)  <prefix><name with . -> _>.lora_down.weight, .lora_up.weight, .alpha (scalar)
-                            DoRA: .dora_scale, the magnitude as (out, 1) or (out, 1, 1, 1) (LyCORIS, ComfyUI)
+                            DoRA: .dora_scale, the magnitude as (out, 1) or (out, 1, 1, 1) (LyCORIS, ComfyUI),
+                            (1, in[, 1, 1]) on the input axis
+
+Reading takes every adapter kind of lora.formats (LoHa, LoKr, LoCon-CP, ...), not only these two.
 
 `name` is the module path, or what `name_fn(path)` returns (minsdxl passes a function giving the
 SGM names kohya files use). The peft format has no place for alpha, and loaders that find none
@@ -22,6 +25,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file as _save_safetensors
 
+from . import formats
 from .inject import LoRAError, lora_layers
 from .layer import LoRALayer
 
@@ -62,14 +66,18 @@ def collect(model: nn.Module, format: str = "peft", name_fn=None, prefix: str = 
         name = name_fn(module_path) if name_fn else module_path
         key = _file_name(fmt, name, prefix)
         down, up = layer.lora_down.weight.detach(), layer.lora_up.weight.detach()
+        if layer.magnitude is not None and layer.dora_axis == "in" and fmt == "peft":
+            raise LoRAError(f"'{module_path}': DoRA on the input axis has no peft/diffusers form; save it as 'kohya'")
         if fmt == "peft":
             tensors[f"{key}.lora_A.weight"] = down
             tensors[f"{key}.lora_B.weight"] = up * layer.scale  # scale folded in: right in any loader
             if layer.magnitude is not None:
                 tensors[f"{key}.lora_magnitude_vector"] = layer.magnitude.detach()
         else:
-            if layer.magnitude is not None:  # LyCORIS/ComfyUI: the magnitude per output channel, (out, 1[, 1, 1])
-                tensors[f"{key}.dora_scale"] = layer.magnitude.detach().view(-1, *[1] * (layer.base.weight.dim() - 1))
+            if layer.magnitude is not None:  # LyCORIS/ComfyUI: (out, 1[, 1, 1]), or (1, in[, 1, 1]) on the input axis
+                shape = [1] * layer.base.weight.dim()
+                shape[0 if layer.dora_axis == "out" else 1] = -1
+                tensors[f"{key}.dora_scale"] = layer.magnitude.detach().view(shape)
             if layer.scale != layer.alpha / layer.rank:
                 raise LoRAError("rsLoRA scaling cannot be expressed in kohya files (scale = alpha / rank); use 'peft'")
             tensors[f"{key}.lora_down.weight"] = down
@@ -107,86 +115,54 @@ def read_file(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise LoRAError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, dict]:
-    """Group a file's tensors by adapter: {file key: {"down", "up", "alpha", "magnitude", "folded"}}."""
+def our_scales(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[dict, dict[str, float]]:
+    """Undo what our own writer did: in our peft files the scale is folded into B (`METADATA_KEY`
+    says so); returns (tensors with B unfolded, {module key: alpha}) for the modules it describes."""
     known = json.loads(metadata.get(METADATA_KEY, "{}"))
-    suffixes = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora_down.weight": "down",
-                ".lora_up.weight": "up", ".alpha": "alpha", ".lora_magnitude_vector": "magnitude",
-                ".lora_magnitude_vector.weight": "magnitude", ".dora_scale": "magnitude"}
-    out: dict[str, dict] = {}
-    for key, value in tensors.items():
-        for suffix, part in suffixes.items():
-            if key.endswith(suffix):
-                out.setdefault(key[: -len(suffix)], {})[part] = value
-                break
-        else:
-            out.setdefault(key, {})["unknown"] = value
-    for key, entry in out.items():
-        info = known.get(key, {})
-        entry["folded_scale"] = info.get("scale") if info.get("scale_folded") else None
-        if "alpha" not in entry and "alpha" in info:
-            entry["alpha"] = torch.tensor(info["alpha"])
-    return out
+    tensors, alphas = dict(tensors), {}
+    for key, info in known.items():
+        if "alpha" in info:  # the alpha that gives the layer's scale with scale = alpha / rank (rsLoRA too)
+            exact = info.get("scale") is None or info["scale"] == info["alpha"] / info["rank"]
+            alphas[key] = float(info["alpha"]) if exact else info["scale"] * info["rank"]
+        if info.get("scale_folded") and f"{key}.lora_B.weight" in tensors:
+            tensors[f"{key}.lora_B.weight"] = tensors[f"{key}.lora_B.weight"].float() / info["scale"]
+    return tensors, alphas
+
+
+def module_names(model: nn.Module, name_fn=None, prefix: str = "") -> dict[str, str]:
+    """{name in a file: module path} for every layer an adapter file can address, under both naming
+    schemes (peft keeps the dots, kohya writes _)."""
+    names = {}
+    for module_path, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, LoRALayer, nn.LayerNorm, nn.GroupNorm)) \
+                and not module_path.endswith(".base") and module_path:
+            name = name_fn(module_path) if name_fn else module_path
+            names[prefix + name] = module_path
+            names.setdefault(prefix + name.replace(".", "_"), module_path)
+    return names
 
 
 def load_file(model: nn.Module, path, name_fn=None, strict: bool = True, prefix: str = "") -> list[str]:
-    """Load adapters from a LoRA file into `model`, creating LoRA layers where the model has none.
+    """Load adapters from a LoRA-family file (see lora.formats) into `model`, creating LoRA layers
+    where the model has none and filling those it has (same rank and alpha). All or nothing: any
+    problem is an error before the model changes.
 
-    Returns the file keys that could not be placed (with strict=True those are an error)."""
+    Returns the module keys of the file that fit no layer (with strict=True those are an error)."""
     tensors, metadata = read_file(path)
-    return apply(model, parse(tensors, metadata), name_fn, strict, prefix, where=str(path))
-
-
-def apply(model: nn.Module, entries: dict[str, dict], name_fn=None, strict: bool = True, prefix: str = "",
-          where: str = "LoRA") -> list[str]:
-    """Place parsed adapter entries (see `parse`) whose keys start with `prefix` into `model`."""
-    entries = {k: v for k, v in entries.items() if k.startswith(prefix)}
-    path = where
-    # Every candidate module path under both naming schemes (peft keeps dots, kohya uses _).
-    candidates = {}
-    for module_path, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d, LoRALayer)) and not module_path.endswith(".base"):
-            name = name_fn(module_path) if name_fn else module_path
-            candidates[prefix + name] = module_path
-            candidates[prefix + name.replace(".", "_")] = module_path
-    unplaced, placed = [], {}
-    for key, entry in entries.items():
-        if key not in candidates or "down" not in entry or "up" not in entry or "unknown" in entry:
-            unplaced.append(key)
-        else:
-            placed[candidates[key]] = (key, entry)
+    tensors, alphas = our_scales(tensors, metadata)
+    part = formats.Part(type(model).__name__, model, module_names(model, name_fn, prefix))
+    p = formats.plan([part], {k: v for k, v in tensors.items() if k.startswith(prefix)},
+                     alpha_for=lambda part, path, key, rank: alphas.get(key), into_existing=True)
+    problems = p.errors + [f"{k}: {formats.REFUSED[kind]} is not applied by lora/" for kind, ks in p.refused.items() for k in ks]
+    if p.loose:
+        problems.append(f"tensors that are no adapter weights: {p.loose[:10]}")
+    if problems:
+        raise LoRAError(f"{path}: nothing was loaded; " + "; ".join(problems[:10]))
+    unplaced = sorted(p.unresolved)
     if unplaced and strict:
-        raise LoRAError(f"{path}: {len(unplaced)} of {len(entries)} adapters match no layer of {type(model).__name__} "
+        total = len(p.unresolved) + len(p.modules)
+        raise LoRAError(f"{path}: {len(unplaced)} of {total} adapters match no layer of {type(model).__name__} "
                         f"(first ten: {unplaced[:10]}). A LoRA made for another model or with other names would do "
                         f"nothing; pass strict=False to load the rest.")
-    existing = lora_layers(model)
-    for module_path, (key, entry) in placed.items():
-        down, up = entry["down"], entry["up"]
-        rank = down.shape[0]
-        alpha = float(entry["alpha"]) if "alpha" in entry else float(rank)
-        if entry["folded_scale"]:
-            up = up / entry["folded_scale"]  # our own peft file: unfold to the trained B
-        layer = existing.get(module_path)
-        if layer is None:
-            layer = _wrap_one(model, module_path, rank, alpha, "magnitude" in entry)
-        for param, value in ((layer.lora_down.weight, down), (layer.lora_up.weight, up)) + \
-                            (((layer.magnitude, entry["magnitude"]),) if "magnitude" in entry and layer.magnitude is not None else ()):
-            if param is layer.magnitude and value.numel() == param.numel():
-                value = value.reshape(param.shape)  # kohya's dora_scale keeps singleton dims
-            if tuple(param.shape) != tuple(value.shape):
-                raise LoRAError(f"{path}: '{key}' has shape {tuple(value.shape)} but the layer at '{module_path}' "
-                                f"needs {tuple(param.shape)} (a LoRA for another model, or another rank)")
-            with torch.no_grad():
-                param.copy_(value.to(param.dtype))
+    formats.apply(p)
     return unplaced
-
-
-def _wrap_one(model: nn.Module, module_path: str, rank: int, alpha: float, dora: bool) -> LoRALayer:
-    """Give the layer at `module_path` an adapter of the file's rank (its values are copied next)."""
-    parent_path, _, name = module_path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    base = getattr(parent, name)
-    base.requires_grad_(False)
-    layer = LoRALayer(base, rank, alpha, dora=dora)
-    setattr(parent, name, layer)
-    return layer

@@ -127,9 +127,9 @@ def merge(model: nn.Module) -> None:
         _merge(layer, path)
 
 
-def _merge(layer: LoRALayer, path: str) -> None:
+def _merge(layer: LoRALayer, path: str, keep_original: bool = True) -> None:
     try:
-        layer.merge()
+        layer.merge(keep_original)
     except ValueError as e:  # e.g. a float8 base
         raise LoRAError(f"'{path}': {e}") from None
 
@@ -140,7 +140,8 @@ def unmerge(model: nn.Module) -> None:
 
 
 def set_scale(model: nn.Module, multiplier: float) -> None:
-    """Runtime strength of every adapter (1.0 = as trained); not applied to merged adapters."""
+    """Runtime strength of every adapter: the weight W + s (W' - W), 1.0 = as trained; not applied
+    to merged adapters."""
     for layer in lora_layers(model).values():
         layer.multiplier = multiplier
 
@@ -160,7 +161,7 @@ def bake(model: nn.Module) -> None:
     """Merge every adapter into its base weight for good and drop the LoRA layers (inference with
     several LoRAs: load one, bake it, load the next)."""
     for path, layer in lora_layers(model).items():
-        _merge(layer, path)
+        _merge(layer, path, keep_original=False)
         parent_path, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, name, layer.base)
 

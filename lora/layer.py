@@ -5,7 +5,14 @@
 `down` (A, rank x in) starts Kaiming-uniform and `up` (B, out x rank) starts at zero, so the
 output is unchanged at initialisation (the paper's Section 4.1; peft and kohya do the same).
 rsLoRA (Kalajdzievski 2023) uses scale = alpha / sqrt(rank). DoRA (Liu et al. 2024) splits the
-weight into a magnitude per output channel and a direction: W' = m * (W + scale BA) / ||W + scale BA||.
+weight into a magnitude per output channel and a direction: W' = m * (W + scale BA) / ||W + scale BA||;
+LyCORIS can also put the magnitude on the input axis (`dora_axis="in"`, its `wd_on_output=False`),
+one per input channel with the norm taken over everything else.
+
+The runtime strength `multiplier` s means what ComfyUI and A1111 make a LoRA file's strength mean:
+the weight moves from the base (s = 0) to the adapted weight (s = 1) in a straight line,
+W + s (W' - W). For plain LoRA that is W + s scale BA; for DoRA the magnitude is included, so a
+DoRA at strength 0.001 is within 0.1% of the base model. Training uses s = 1.
 Linear layers and convolutions share the code: for a conv, `down` is a conv with the base's
 kernel, stride and padding and `up` a 1x1 conv (LoCon).
 
@@ -30,7 +37,7 @@ class LoRALayer(nn.Module):
 
     def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float | None = None, *, dropout: float = 0.0,
                  rank_dropout: float = 0.0, module_dropout: float = 0.0, dora: bool = False, init: str = "kaiming",
-                 rslora: bool = False, dtype: torch.dtype | None = None):
+                 rslora: bool = False, dtype: torch.dtype | None = None, dora_axis: str = "out"):
         super().__init__()
         self.base = base
         self.rank, self.alpha = rank, float(rank if alpha is None else alpha)
@@ -55,8 +62,11 @@ class LoRALayer(nn.Module):
         else:
             raise TypeError(f"LoRA wraps nn.Linear or nn.Conv2d, not {type(base).__name__}")
         self.reset_parameters(init)
+        if dora_axis not in ("out", "in"):
+            raise ValueError(f"dora_axis must be 'out' or 'in', not '{dora_axis}'")
+        self.dora_axis = dora_axis
         self.magnitude = None
-        if dora:  # m starts as the per-output-channel norm of W, so W' = W at initialisation
+        if dora:  # m starts as the norm of W along the axis, so W' = W at initialisation
             self.magnitude = nn.Parameter(self._weight_norm(base.weight.to(factory["dtype"])).detach())
 
     @torch.no_grad()
@@ -80,10 +90,17 @@ class LoRALayer(nn.Module):
             delta = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)  # 1x1 up after a kxk down
         return delta * self.scale
 
-    @staticmethod
-    def _weight_norm(weight: torch.Tensor) -> torch.Tensor:
-        """L2 norm of each output channel's weights: (out,)."""
+    def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """L2 norm of each output channel's weights, (out,); on the input axis of each input channel's, (in,)."""
+        if self.dora_axis == "in":
+            return weight.transpose(0, 1).flatten(1).norm(dim=1)
         return weight.flatten(1).norm(dim=1)
+
+    def _per_channel(self, v: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
+        """A (channels,) vector shaped to broadcast along `channel_dim` of an `ndim`-dimensional tensor."""
+        shape = [1] * ndim
+        shape[channel_dim] = -1
+        return v.view(shape)
 
     def _base_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         b = self.base
@@ -106,45 +123,54 @@ class LoRALayer(nn.Module):
                 shape = (h.shape[0],) + (1,) * (h.dim() - 2) + (self.rank,)  # per sample and rank, all tokens alike
             keep = (torch.rand(shape, device=h.device) >= self.rank_dropout).to(h.dtype)
             h = h * keep / (1.0 - self.rank_dropout)
-        lora = self.lora_up(h) * (self.scale * self.multiplier)
         if self.magnitude is None:
-            return out + lora.to(out.dtype)
+            return out + (self.lora_up(h) * (self.scale * self.multiplier)).to(out.dtype)
         # DoRA, as peft computes it: the norm is detached (the paper's Section 4.3 memory saving).
         weight = self.base.weight.to(lx.dtype)
-        norm = self._weight_norm(weight + self.delta_weight().detach() * self.multiplier).detach()
-        ratio = (self.magnitude / norm).view(1, -1, *([1] * (out.dim() - 2))) if out.dim() == 4 else self.magnitude / norm
-        return out + ((ratio - 1) * self._base_op(lx, weight) + ratio * lora).to(out.dtype)
+        ratio = self.magnitude / self._weight_norm(weight + self.delta_weight().detach()).detach()
+        if self.dora_axis == "out":  # W'x = ratio * (W + dW) x: y - Wx = (ratio - 1) Wx + ratio dW x
+            ratio = self._per_channel(ratio, out.dim(), 1 if isinstance(self.base, nn.Conv2d) else -1)
+            delta = (ratio - 1) * self._base_op(lx, weight) + ratio * (self.lora_up(h) * self.scale)
+        else:  # W'x = (W + dW)(ratio * x): y - Wx = W((ratio - 1) x) + dW (ratio x)
+            ratio = self._per_channel(ratio, lx.dim(), 1 if isinstance(self.base, nn.Conv2d) else -1)
+            delta = self._base_op((ratio - 1) * lx, weight) + self.lora_up(self.lora_down(ratio * lx)) * self.scale
+        return out + (delta * self.multiplier).to(out.dtype)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into the base weight (faster inference); `unmerge` undoes it."""
+    def adapted_weight(self) -> torch.Tensor:
+        """W' in fp32: the base weight with the update at strength 1 (DoRA's magnitude included)."""
+        w = self.base.weight.float()
+        combined = w + self.delta_weight().float()
+        if self.magnitude is None:
+            return combined
+        ratio = self.magnitude.float() / self._weight_norm(combined)
+        return combined * self._per_channel(ratio, w.dim(), 0 if self.dora_axis == "out" else 1)
+
+    @torch.no_grad()
+    def merge(self, keep_original: bool = True) -> None:
+        """Fold the update at the current strength into the base weight: W + s (W' - W) (faster
+        inference). `unmerge` puts back the exact weight it replaced (kept unless keep_original=False)."""
         if self.merged:
             return
         w = self.base.weight
         if w.dtype in FLOAT8:
             raise ValueError(f"cannot merge into a base weight stored in {w.dtype} ({self.base}): keep the adapter "
                              f"as a separate layer, or merge before the weights are stored in float8")
-        delta = self.delta_weight().float() * self.multiplier
-        if self.magnitude is None:
-            w.copy_((w.float() + delta).to(w.dtype))
-        else:
-            combined = w.float() + delta
-            self._merge_norm = self._weight_norm(combined)
-            w.copy_((combined * (self.magnitude.float() / self._merge_norm).view(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
+        merged = w.float() + (self.adapted_weight() - w.float()) * self.multiplier
+        self._original_weight = w.detach().clone() if keep_original else None
+        w.copy_(merged.to(w.dtype))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        w = self.base.weight
-        delta = self.delta_weight().float() * self.multiplier
-        if self.magnitude is None:
-            w.copy_((w.float() - delta).to(w.dtype))
-        else:
-            combined = w.float() * (self._merge_norm / self.magnitude.float()).view(-1, *([1] * (w.dim() - 1)))
-            w.copy_((combined - delta).to(w.dtype))
+        if getattr(self, "_original_weight", None) is None:
+            raise ValueError("this adapter was merged with keep_original=False: its base weight cannot be restored")
+        self.base.weight.copy_(self._original_weight)
+        self._original_weight = None
         self.merged = False
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:.4g}, dora={self.magnitude is not None}"
+        dora = f"{self.magnitude is not None}" + (", dora_axis=in" if self.dora_axis == "in" and self.magnitude is not None else "")
+        return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:.4g}, dora={dora}"

@@ -208,7 +208,7 @@ def test_train_demo_with_fp8_base_reaches_the_same_loss(tmp_path, capsys):
     print(f"demo, 8 steps: mean loss {sum(plain) / 8:.4f} plain, {sum(fp8) / 8:.4f} fp8 base; worst step {worst:.4f} relative")
     assert len(fp8) == 8 and worst < 0.02  # measured 0.0038 (over 8, 12 and 40 steps)
     # The LoRA it wrote is an ordinary one: it loads into the unquantised UNet.
-    assert load_sdxl_lora(load_unet(tmp_path / "fp8" / "demo-model"), tmp_path / "fp8" / "lora_kohya.safetensors") == []
+    assert load_sdxl_lora(load_unet(tmp_path / "fp8" / "demo-model"), tmp_path / "fp8" / "lora_kohya.safetensors").unused == []
     with pytest.raises(SystemExit, match=r"other --fp8_base False \(now True\).*cannot change on resume"):
         demo_run(tmp_path / "plain", "--max_train_steps", "9", "--resume_from_checkpoint", "latest", "--fp8_base")
 

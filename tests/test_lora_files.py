@@ -57,7 +57,7 @@ def test_round_trip_into_a_fresh_unet(tiny_dir, tmp_path, fmt):
         assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
         assert float(keys["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.alpha"]) == 8.0
     fresh = load_unet(tiny_dir)
-    assert load_sdxl_lora(fresh, path) == []
+    assert load_sdxl_lora(fresh, path).unused == []
     x, t, ctx, pooled, tid = inputs()
     with torch.no_grad():
         torch.testing.assert_close(fresh(x, t, ctx, pooled, tid), unet(x, t, ctx, pooled, tid))
@@ -75,7 +75,7 @@ def test_text_encoder_adapters_use_te_prefixes(tiny_dir, tmp_path):
     with pytest.raises(lora.LoRAError, match="pass text_encoders="):
         load_sdxl_lora(load_unet(tiny_dir), path)
     fresh_tes = load_text_encoders(tiny_dir)
-    assert load_sdxl_lora(load_unet(tiny_dir), path, text_encoders=fresh_tes) == []
+    assert load_sdxl_lora(load_unet(tiny_dir), path, text_encoders=fresh_tes).unused == []
     assert len(lora.lora_layers(fresh_tes[1])) == len(lora.lora_layers(te2))
 
 
@@ -83,5 +83,5 @@ def test_a_lora_for_another_model_is_an_error(tiny_dir, tmp_path):
     from safetensors.torch import save_file
     save_file({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(4, 320),
                "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(320, 4)}, str(tmp_path / "sd15.safetensors"))
-    with pytest.raises(lora.LoRAError, match="1 of 1 adapters fit no SDXL module.*input_blocks_1_1_proj_in"):
+    with pytest.raises(lora.LoRAError, match=r"1 of 1 modules fit no layer \(1 LoRA\): this LoRA is for SD 1.x/2.x.*input_blocks_1_1_proj_in"):
         load_sdxl_lora(load_unet(tiny_dir), tmp_path / "sd15.safetensors")

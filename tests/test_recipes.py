@@ -34,7 +34,7 @@ def lora_changes_the_unet(out_dir, text_encoders=None):
     pooled, tid = torch.randn(1, 32, generator=g), torch.tensor([[64.0, 64, 0, 0, 64, 64]])
     with torch.no_grad():
         before = unet(x, torch.tensor([500]), ctx, pooled, tid)
-        assert load_sdxl_lora(unet, out_dir / "lora_kohya.safetensors", text_encoders=text_encoders) == []
+        assert load_sdxl_lora(unet, out_dir / "lora_kohya.safetensors", text_encoders=text_encoders).unused == []
         after = unet(x, torch.tensor([500]), ctx, pooled, tid)
     return (after - before).abs().max() > 0
 
