@@ -1262,9 +1262,19 @@ def run(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) -> d
                 "minsdxl.partial": str(stopping).lower()}
     files = [out / "pytorch_lora_weights.safetensors", out / "lora_kohya.safetensors"]
     tes = text_encoders if args.train_text_encoder else None
+    # What kohya's trainer writes and tools display (A1111's LoRA cards, civitai): true for this run.
+    tags: dict[str, int] = {}
+    for caption in dataset.captions:
+        for tag in filter(None, (t.strip() for t in (caption or "").split(","))):
+            tags[tag] = tags.get(tag, 0) + 1
+    info = {"output_name": out.name, "resolution": args.resolution, "steps": step, "epoch": epoch + (batches_done > 0),  # the 1-based epoch of the last step
+            "tag_frequency": {Path(args.train_data_dir or args.dataset_name or "data").name: tags},
+            "prediction_type": prediction_type, "learning_rate": args.learning_rate,
+            "train_batch_size": args.train_batch_size, "seed": args.seed}
     with meter.phase("save"):
         save_sdxl_lora(unet, files[0], format="diffusers", text_encoders=tes, metadata=metadata)
-        save_sdxl_lora(unet, files[1], format="kohya", text_encoders=tes, metadata=metadata)
+        save_sdxl_lora(unet, files[1], format="kohya", text_encoders=tes, metadata=metadata, info=info,
+                       warn=lambda m: log(f"warning: {m}"))
     if stopping:
         log(f"stopped by {signal.Signals(stop.signum).name} at step {step} of {total_steps}: saved a checkpoint, and "
             f"the LoRA of step {step} (marked partial) in {files[0].name} and {files[1].name}. Resume with "
@@ -1279,7 +1289,7 @@ def run(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) -> d
     reporter.close()
     summary = {"steps": step, "seconds": round(time.perf_counter() - started, 1),
                "peak_memory_bytes": peak_memory_bytes(device), "final_loss": all_losses[-1] if all_losses else None,
-               "files": [str(f) for f in files],
+               "files": [str(f) for f in files], "for_comfyui_and_a1111": files[1].name,
                "memory_by_phase": {"predicted_bytes": {p["phase"]: p["peak_bytes"] for p in plan.to_json()["phases"]} if plan else None,
                                    "measured_bytes": meter.peaks or None,  # CUDA: max_memory_allocated (no CUDA context)
                                    "predicted_includes": [w for w, _, _ in plan.extras] if plan else []}}
@@ -1288,6 +1298,8 @@ def run(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) -> d
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log(f"done: {step} steps in {summary['seconds']} s, peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB, "
           f"final loss {summary['final_loss']}; wrote:\n  " + "\n  ".join(summary["files"]))
+    log(f"for ComfyUI / A1111 use {files[1].name}; {files[0].name} is for diffusers (pipe.load_lora_weights) "
+        f"and sample.py, which read both" + (" (DoRA: see docs/lora.md for how each tool renders it)" if args.use_dora else ""))
     return {"step": step, "losses": losses, "files": files, "stopped": False, "summary": summary}
 
 

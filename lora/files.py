@@ -151,8 +151,11 @@ def load_file(model: nn.Module, path, name_fn=None, strict: bool = True, prefix:
     tensors, metadata = read_file(path)
     tensors, alphas = our_scales(tensors, metadata)
     part = formats.Part(type(model).__name__, model, module_names(model, name_fn, prefix))
-    p = formats.plan([part], {k: v for k, v in tensors.items() if k.startswith(prefix)},
-                     alpha_for=lambda part, path, key, rank: alphas.get(key), into_existing=True)
+    try:
+        p = formats.plan([part], {k: v for k, v in tensors.items() if k.startswith(prefix)},
+                         alpha_for=lambda part, path, key, rank: alphas.get(key), into_existing=True)
+    except LoRAError as e:  # e.g. one tensor under two names
+        raise LoRAError(f"{path}: nothing was loaded; {e}") from None
     problems = p.errors + [f"{k}: {formats.REFUSED[kind]} is not applied by lora/" for kind, ks in p.refused.items() for k in ks]
     if p.loose:
         problems.append(f"tensors that are no adapter weights: {p.loose[:10]}")

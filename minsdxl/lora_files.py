@@ -183,7 +183,10 @@ def load_sdxl_lora(unet: UNet, path, text_encoders=None, strength: float = 1.0, 
     theirs = _diffusers_alphas(metadata)
     parts = read_names(unet, text_encoders)
     alpha_for = lambda part, p, key, rank: ours.get(key) if key in ours else theirs(part, p, key, rank)
-    p = formats.plan(parts, tensors, alpha_for=alpha_for)
+    try:
+        p = formats.plan(parts, tensors, alpha_for=alpha_for)
+    except lora.LoRAError as e:  # e.g. one tensor under two names
+        raise lora.LoRAError(f"{path}: nothing was loaded; {e}") from None
     modules, _ = formats.group(tensors)
     kinds = {k: formats.kind_of(v) for k, v in modules.items()}
     refused = sorted({k for k in kinds.values() if k in formats.REFUSED})
@@ -193,8 +196,9 @@ def load_sdxl_lora(unet: UNet, path, text_encoders=None, strength: float = 1.0, 
         raise lora.LoRAError(f"{path}: this is a {what} file{prefix}, {sum(k in formats.REFUSED for k in kinds.values())} "
                              f"modules; minsdxl does not apply it. Nothing was loaded.")
     if p.errors:
-        raise lora.LoRAError(f"{path}: nothing was loaded; {len(p.errors)} of {len(modules)} modules cannot be applied: "
-                             + "; ".join(p.errors[:5]))
+        model = _model_of(list(tensors), tensors, metadata)
+        raise lora.LoRAError(f"{path}: nothing was loaded; {len(p.errors)} of {len(modules)} modules cannot be applied"
+                             + (f" (this LoRA is for {model})" if model else "") + ": " + "; ".join(p.errors[:5]))
     if p.loose and not p.modules and not p.unresolved:
         raise lora.LoRAError(f"{path}: no LoRA in this file: {describe_keys(p.loose, tensors, metadata)}")
     if (p.unresolved or p.loose) and strict:

@@ -449,7 +449,12 @@ def test_one_bad_module_leaves_the_model_untouched(base, tmp_path):
     assert report.modules == 11 and report.unused == ["lora_unet_no_such_block.lora_down.weight",
                                                       "lora_unet_no_such_block.lora_up.weight"]
     with pytest.raises(lora.LoRAError, match="already has a LoRA adapter: bake or remove it first"):
-        load_sdxl_lora(model, tmp_path / "k.safetensors" if False else tmp_path / "extra.safetensors", strict=False)
+        load_sdxl_lora(model, tmp_path / "extra.safetensors", strict=False)  # a second file onto live layers
+    tensors["lora_unet_no_such_block.lora_B.weight"] = tensors.pop("lora_unet_no_such_block.lora_up.weight")
+    tensors[f"{sgm(base, CONV[0])}.lora_B.weight"] = tensors[bad]  # one tensor under two names
+    save_file(tensors, str(tmp_path / "twice.safetensors"))
+    with pytest.raises(lora.LoRAError, match="twice.safetensors: nothing was loaded; .* are the same tensor"):
+        load_sdxl_lora(copy.deepcopy(base), tmp_path / "twice.safetensors")
 
 
 def test_files_for_other_models_say_what_they_are(base, tmp_path):
@@ -481,6 +486,20 @@ def test_files_for_other_models_say_what_they_are(base, tmp_path):
             r"kohya's networks.oft")
     refused("glora.safetensors", {f"{sgm(base, SQUARE[0])}.{n}.weight": rnd(4, 4) for n in ("a1", "a2", "b1", "b2")},
             "GLoRA")
+
+
+def test_on_the_full_size_base_other_models_are_named(tmp_path):
+    """On SDXL base itself (built on meta: the refusal comes before any weight is touched): an SD 1.5
+    LoRA and a refiner LoRA address input_blocks_4_1, which SDXL also has, with the wrong widths."""
+    with torch.device("meta"):
+        unet = UNet(UNetConfig.sdxl_base())
+    key = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
+    for ctx, width, what in ((768, 640, r"SD 1\.x"), (1280, 768, "the SDXL refiner")):
+        save_file({f"{key}.lora_down.weight": rnd(4, ctx), f"{key}.lora_up.weight": rnd(width, 4)},
+                  str(tmp_path / "other.safetensors"))
+        with pytest.raises(lora.LoRAError, match=rf"cannot be applied \(this LoRA is for {what}.*needs \(4, 2048\)"):
+            load_sdxl_lora(unet, tmp_path / "other.safetensors")
+    assert not lora.lora_layers(unet)
 
 
 def test_pickles_are_refused(base, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import lora
 import train
 from minsdxl import load_unet
 from minsdxl.lora_files import load_sdxl_lora
@@ -54,6 +55,11 @@ def test_demo_trains_and_writes_every_output(demo):
     unet = load_unet(out / "demo-model")
     assert load_sdxl_lora(unet, out / "lora_kohya.safetensors").unused == []
     assert all(v.abs().sum() > 0 for k, v in load_file(str(out / "pytorch_lora_weights.safetensors")).items() if "lora_B" in k)
+    # kohya's metadata, true for this run (what A1111's LoRA cards show)
+    meta = lora.read_file(out / "lora_kohya.safetensors")[1]
+    assert meta["ss_steps"] == "100" and meta["ss_output_name"] == out.name and meta["ss_network_module"] == "networks.lora"
+    assert meta["ss_base_model_version"] == "minsdxl_custom" and sum(json.loads(meta["ss_tag_frequency"]).popitem()[1].values()) > 0
+    assert json.loads((out / "summary.json").read_text())["for_comfyui_and_a1111"] == "lora_kohya.safetensors"
 
 
 def test_resume_is_exact(tmp_path):
