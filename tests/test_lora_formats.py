@@ -451,7 +451,7 @@ def test_one_bad_module_leaves_the_model_untouched(base, tmp_path):
     with pytest.raises(lora.LoRAError, match="already has a LoRA adapter: bake or remove it first"):
         load_sdxl_lora(model, tmp_path / "extra.safetensors", strict=False)  # a second file onto live layers
     tensors["lora_unet_no_such_block.lora_B.weight"] = tensors.pop("lora_unet_no_such_block.lora_up.weight")
-    tensors[f"{sgm(base, CONV[0])}.lora_B.weight"] = tensors[bad]  # one tensor under two names
+    tensors[f"{sgm(base, CONV[0])}.lora_B.weight"] = tensors[bad].clone()  # one tensor under two names
     save_file(tensors, str(tmp_path / "twice.safetensors"))
     with pytest.raises(lora.LoRAError, match="twice.safetensors: nothing was loaded; .* are the same tensor"):
         load_sdxl_lora(copy.deepcopy(base), tmp_path / "twice.safetensors")
