@@ -27,6 +27,7 @@ meta device) and only then applied, so a file that cannot be loaded leaves the m
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -34,8 +35,9 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from .inject import LoRAError
-from .layer import FLOAT8, LoRALayer
+from .errors import LoRAError
+from .inject import _replace
+from .layer import FLOAT8, LoRALayer, adapter_shapes, innermost, logical_shape, supported
 
 # suffix -> (part, naming). Longest suffixes are tried first, so `.lora_magnitude_vector.weight` wins
 # over IA3's bare `.weight` (which only counts next to an `.on_input`).
@@ -153,15 +155,12 @@ def lora_factors(t: dict, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor, 
     rank = down.shape[0]
     if "mid" in t:  # LoCon-CP: up(1x1) . mid(kxk) . down(1x1) == up(1x1) . [mid * down](kxk)
         if not isinstance(base, nn.Conv2d):
-            raise LoRAError("lora_mid (a Tucker core) only exists for convolutions, this layer is a Linear")
+            raise LoRAError(f"lora_mid (a Tucker core) only exists for 2-D convolutions, this layer is a {type(base).__name__}")
         mid = t["mid"].float()
         if mid.dim() != 4 or mid.shape[:2] != (rank, rank):
             raise LoRAError(f"lora_mid has shape {tuple(mid.shape)}, expected ({rank}, {rank}, kh, kw)")
         down = torch.einsum("rskl,si->rikl", mid, down.reshape(rank, -1))
-    if isinstance(base, nn.Linear):
-        shapes = (rank, base.in_features), (base.out_features, rank)
-    else:
-        shapes = (rank, base.in_channels, *base.kernel_size), (base.out_channels, rank, 1, 1)
+    shapes = adapter_shapes(base, rank)
     if up.shape[1 if up.dim() > 1 else 0] != rank:
         raise LoRAError(f"up has shape {tuple(up.shape)} and down {tuple(t['down'].shape)}: their ranks differ")
     return _as_shape(down, shapes[0], "down"), _as_shape(up, shapes[1], "up"), rank
@@ -297,18 +296,21 @@ def _peft_pattern(patterns: dict, path: str):
     return None
 
 
-def plan(parts: list[Part], tensors: dict[str, torch.Tensor], alpha_for=None, into_existing: bool = False) -> Plan:
+def plan(parts: list[Part], tensors: dict[str, torch.Tensor], alpha_for=None, into_existing: bool = False,
+         name: str = "default") -> Plan:
     """Resolve every key of a file against `parts` and check every module, touching nothing.
 
     `alpha_for(part, path, module key, rank)` gives the alpha of a LoRA module without an `.alpha`
-    tensor (from the file's metadata), or None for alpha = rank. `into_existing`: a module that already
-    has a LoRALayer takes the file's values into it (same rank and alpha) instead of being an error."""
+    tensor (from the file's metadata): None for alpha = rank, a number, or {"alpha": a, "rslora": True}.
+    `into_existing`: a module whose LoRALayer is named `name` takes the file's values into it (same
+    rank and scale), one with another adapter gets this one stacked on it; without it any existing
+    adapter is an error."""
     modules, loose = group(tensors)
     out = Plan(loose=loose)
     lookup: dict[str, tuple[Part, str]] = {}
     for part in parts:
-        for name, path in part.names.items():
-            lookup.setdefault(name, (part, path))
+        for file_name, path in part.names.items():
+            lookup.setdefault(file_name, (part, path))
     targets: dict[tuple[int, str], str] = {}
     for key, names in modules.items():
         kind = kind_of(names)
@@ -328,7 +330,7 @@ def plan(parts: list[Part], tensors: dict[str, torch.Tensor], alpha_for=None, in
         if extra:
             out.errors.append(f"{where}: {LABELS[kind]} tensors mixed with {sorted(names[p] for p in extra)}")
             continue
-        target = (id(part.model), path)
+        target = id(part.model.get_submodule(path))  # a module at two paths is one target
         if target in targets:
             out.errors.append(f"{where}: the same module as '{targets[target]}' (two names for one layer in one file)")
             continue
@@ -336,21 +338,33 @@ def plan(parts: list[Part], tensors: dict[str, torch.Tensor], alpha_for=None, in
         t = {p: tensors[k] for p, k in names.items()}
         module = part.model.get_submodule(path)
         try:
-            out.modules.append(_plan_module(key, part, path, kind, keys, t, module, alpha_for, into_existing))
+            out.modules.append(_plan_module(key, part, path, kind, keys, t, module, alpha_for, into_existing, name))
         except LoRAError as e:
             out.errors.append(f"{where}: {e}")
     return out
 
 
-def _plan_module(key, part, path, kind, keys, t, module, alpha_for, into_existing) -> Planned:
-    existing = module if isinstance(module, LoRALayer) else None
-    base = existing.base if existing is not None else module
-    if existing is not None and not (into_existing and kind == "lora"):
+def _named(module: nn.Module, name: str) -> LoRALayer | None:
+    """The adapter called `name` in the stack at `module`, if any."""
+    while isinstance(module, LoRALayer):
+        if module.name == name:
+            return module
+        module = module.base
+    return None
+
+
+def _plan_module(key, part, path, kind, keys, t, module, alpha_for, into_existing, name) -> Planned:
+    existing = _named(module, name)  # fill it
+    base = innermost(module)
+    if isinstance(module, LoRALayer) and not (into_existing and kind == "lora"):
         raise LoRAError("this layer already has a LoRA adapter: bake or remove it first (lora.bake / lora.remove)")
     if kind == "norm":
         if not isinstance(base, (nn.LayerNorm, nn.GroupNorm)) or base.weight is None:
             raise LoRAError(f"w_norm/b_norm change a norm layer, this is a {type(base).__name__}")
-    elif not isinstance(base, (nn.Linear, nn.Conv2d)):
+    elif kind == "lora" and not supported(base):
+        raise LoRAError(f"LoRA applies to Linear, Conv1d, Conv2d and transformers' Conv1D layers, this is a "
+                        f"{type(base).__name__}")
+    elif kind != "lora" and not isinstance(base, (nn.Linear, nn.Conv2d)):
         raise LoRAError(f"{LABELS[kind]} applies to Linear and Conv2d layers, this is a {type(base).__name__}")
     if base.weight.dtype in FLOAT8 and (kind != "lora" or "dora_scale" in t or "magnitude" in t):
         raise LoRAError(f"the base weight is stored in {base.weight.dtype}: only plain LoRA can sit on it "
@@ -362,25 +376,27 @@ def _plan_module(key, part, path, kind, keys, t, module, alpha_for, into_existin
         return Planned(key, part, path, kind, kind, keys, live={"tensors": t})
     _require(t, ("up", "down"), "lora")
     down, up, rank = lora_factors(t, base)
-    alpha = float(t["alpha"].item()) if "alpha" in t else (alpha_for(part, path, key, rank) if alpha_for else None)
-    alpha = float(rank) if alpha is None else alpha
+    given = float(t["alpha"].item()) if "alpha" in t else (alpha_for(part, path, key, rank) if alpha_for else None)
+    alpha, rslora = (given["alpha"], bool(given.get("rslora"))) if isinstance(given, dict) else (given, False)
+    alpha = float(rank) if alpha is None else float(alpha)
+    scale = alpha / (math.sqrt(rank) if rslora else rank)
     magnitude, axis = t.get("dora_scale", t.get("magnitude")), "out"
     if magnitude is not None:
-        axis = dora_axis(magnitude, tuple(base.weight.shape), peft="magnitude" in t)
+        axis = dora_axis(magnitude, logical_shape(base), peft="magnitude" in t)
         magnitude = magnitude.float().flatten()
     if existing is not None:
         if existing.rank != rank or (existing.magnitude is None) != (magnitude is None):
             raise LoRAError(f"'{key}' has shape {tuple(down.shape)} but the layer at '{path}' needs "
                             f"{tuple(existing.lora_down.weight.shape)} (a LoRA for another model, or another rank)")
-        if abs(existing.alpha - alpha) > 1e-6 * max(1.0, abs(alpha)):
-            raise LoRAError(f"alpha {alpha:g} in the file, {existing.alpha:g} on the layer at '{path}'")
+        if abs(existing.scale - scale) > 1e-6 * max(1.0, abs(scale)):
+            raise LoRAError(f"scale {scale:g} (alpha {alpha:g}) in the file, {existing.scale:g} on the layer at '{path}'")
     label = "locon_cp" if "mid" in t else ("dora" if axis == "out" else "dora_in") if magnitude is not None else \
-        ("locon" if isinstance(base, nn.Conv2d) and base.kernel_size != (1, 1) else "lora")
-    live = {"rank": rank, "alpha": alpha, "down": down, "up": up, "magnitude": magnitude, "axis": axis}
+        ("locon" if isinstance(base, (nn.Conv1d, nn.Conv2d)) and any(k != 1 for k in base.kernel_size) else "lora")
+    live = {"rank": rank, "alpha": alpha, "rslora": rslora, "down": down, "up": up, "magnitude": magnitude, "axis": axis}
     return Planned(key, part, path, "lora", label, keys, live=live)
 
 
-def apply(p: Plan, strength: float = 1.0) -> list[LoRALayer]:
+def apply(p: Plan, strength: float = 1.0, name: str = "default") -> list[LoRALayer]:
     """Carry out a plan (check it has no errors first): live layers at `strength`, baked weights
     W + strength (W' - W). Returns the LoRA layers it created or filled."""
     layers = []
@@ -389,13 +405,12 @@ def apply(p: Plan, strength: float = 1.0) -> list[LoRALayer]:
             module = m.part.model.get_submodule(m.path)
             if m.kind == "lora":
                 v = m.live
-                layer = module if isinstance(module, LoRALayer) else None
+                layer = _named(module, name)
                 if layer is None:
-                    parent_path, _, name = m.path.rpartition(".")
-                    parent = m.part.model.get_submodule(parent_path) if parent_path else m.part.model
                     module.requires_grad_(False)
-                    layer = LoRALayer(module, v["rank"], v["alpha"], dora=v["magnitude"] is not None, dora_axis=v["axis"])
-                    setattr(parent, name, layer)
+                    layer = LoRALayer(module, v["rank"], v["alpha"], dora=v["magnitude"] is not None, dora_axis=v["axis"],
+                                      rslora=v["rslora"], name=name)
+                    _replace(m.part.model, {id(module): layer})  # at every path of a shared module
                 layer.lora_down.weight.copy_(v["down"])
                 layer.lora_up.weight.copy_(v["up"])
                 if v["magnitude"] is not None:
@@ -403,6 +418,7 @@ def apply(p: Plan, strength: float = 1.0) -> list[LoRALayer]:
                 layer.multiplier = strength
                 layers.append(layer)
             else:
+                module = innermost(module)
                 w, b = adapted(m.kind, m.live["tensors"], module)
                 module.weight.copy_((module.weight.float() + strength * (w - module.weight.float())).to(module.weight.dtype))
                 if b is not None:

@@ -14,7 +14,9 @@ A module path is the dotted name `model.named_modules()` gives, e.g.
 
 Plain names and globs match a whole dotted suffix of the path, so they never match part of a
 segment. `re:` patterns are Python regular expressions that must match the entire path.
-Exclude patterns use the same rules and take precedence over targets.
+Exclude patterns use the same rules and take precedence over targets: an excluded path excludes
+everything under it (`exclude=["layers.0"]` keeps every layer of `layers.0` unadapted, whether the
+target is `q_proj` or `layers`). A pattern that is not valid raises LoRAError naming it.
 """
 
 from __future__ import annotations
@@ -23,14 +25,21 @@ import functools
 import re
 from typing import Iterable
 
+from .errors import LoRAError
+
 
 @functools.lru_cache(maxsize=None)
 def compile_pattern(pattern: str) -> re.Pattern:
     """A pattern as one anchored regular expression (see the table in the module docstring)."""
+    if not isinstance(pattern, str):
+        raise LoRAError(f"a LoRA target pattern must be a string, not {type(pattern).__name__} ({pattern!r})")
     if pattern.startswith("re:"):
-        return re.compile(pattern[3:])
-    if not pattern or pattern.startswith(".") or pattern.endswith("."):
-        raise ValueError(f"bad LoRA target pattern '{pattern}': expected dotted names like 'attn1.to_q'")
+        try:
+            return re.compile(pattern[3:])
+        except re.error as e:
+            raise LoRAError(f"bad LoRA target pattern '{pattern}': not a regular expression ({e})") from None
+    if not pattern or pattern.startswith(".") or pattern.endswith(".") or ".." in pattern:
+        raise LoRAError(f"bad LoRA target pattern '{pattern}': expected dotted names like 'attn1.to_q'")
     parts = []
     for segment in pattern.split("."):
         if segment == "**":

@@ -24,7 +24,6 @@ import datetime
 import hashlib
 import importlib.metadata
 import json
-import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -135,8 +134,7 @@ def _diffusers_alphas(metadata: dict[str, str]):
         alpha = formats._peft_pattern(c.get("alpha_pattern"), path) or c.get("lora_alpha", r)
         if r != rank:
             raise lora.LoRAError(f"'{key}': rank {rank} in the tensors but {r} in lora_adapter_metadata")
-        scale = alpha / (math.sqrt(rank) if c.get("use_rslora") else rank)
-        return scale * rank  # the alpha that gives peft's scale with scale = alpha / rank
+        return {"alpha": alpha, "rslora": bool(c.get("use_rslora"))}
     return alpha_for
 
 

@@ -141,10 +141,10 @@ def test_adapters_follow_the_base_device_and_dtype():
     lora.inject(model, ["to_q"], rank=2)
     assert model.a.to_q.lora_down.weight.is_meta
     model = toy().to(torch.bfloat16)
-    lora.inject(model, ["to_q"], rank=2)
+    lora.inject(model, ["to_q"], rank=2, dtype=torch.bfloat16)  # asked for
     assert model.a.to_q.lora_up.weight.dtype == torch.bfloat16
     model = toy().to(torch.bfloat16)
-    lora.inject(model, ["to_q"], rank=2, dtype=torch.float32)  # fp32 master weights beside a bf16 base
+    lora.inject(model, ["to_q"], rank=2)  # fp32 master weights beside a bf16 base by default, as in peft
     assert model.a.to_q.lora_up.weight.dtype == torch.float32 and model.a.to_q.base.weight.dtype == torch.bfloat16
     out = model(X.bfloat16())
     assert out.dtype == torch.bfloat16
