@@ -84,6 +84,29 @@ def adapter_shapes(base: nn.Module, rank: int) -> tuple[tuple, tuple]:
     return (rank, in_features), (out_features, rank)
 
 
+class _Uninitialised:
+    """An adapter factor whose values LoRALayer.reset_parameters sets: the layer's own random init
+    would run twice on a device and costs a dispatch per layer on meta (a third of injecting SDXL)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+    def _get_name(self) -> str:  # printed as the layer it is: Linear, Conv2d
+        return type(self).__name__.lstrip("_")
+
+
+class _Linear(_Uninitialised, nn.Linear):
+    pass
+
+
+class _Conv1d(_Uninitialised, nn.Conv1d):
+    pass
+
+
+class _Conv2d(_Uninitialised, nn.Conv2d):
+    pass
+
+
 class LoRALayer(nn.Module):
     """Wraps a supported layer (or another LoRALayer); only `lora_down`, `lora_up` (and DoRA's `magnitude`) train."""
 
@@ -108,7 +131,8 @@ class LoRALayer(nn.Module):
         self.rank, self.alpha, self.rslora = rank, float(rank if alpha is None else alpha), rslora
         self.scale = self.alpha / (math.sqrt(rank) if rslora else rank)
         self.multiplier = 1.0  # runtime strength, e.g. 0.8 when sampling; not part of training
-        self.dropout, self.rank_dropout, self.module_dropout = nn.Dropout(dropout), rank_dropout, module_dropout
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()  # on the adapter's input only
+        self.rank_dropout, self.module_dropout = rank_dropout, module_dropout
         self.merged = False
         self._original_weight = None  # the base weight merge replaced, put back bitwise by unmerge
         stored = layer.weight.dtype
@@ -117,14 +141,14 @@ class LoRALayer(nn.Module):
         dtype = dtype or (torch.float32 if stored in FLOAT8 + HALF else stored)
         factory = dict(device=layer.weight.device, dtype=dtype)  # next to the base weight
         if self.is_conv:
-            conv = nn.Conv1d if isinstance(layer, nn.Conv1d) else nn.Conv2d
+            conv = _Conv1d if isinstance(layer, nn.Conv1d) else _Conv2d
             self.lora_down = conv(layer.in_channels, rank, layer.kernel_size, layer.stride, layer.padding,
                                   layer.dilation, bias=False, padding_mode=layer.padding_mode, **factory)
             self.lora_up = conv(rank, layer.out_channels, 1, bias=False, **factory)
         else:
             (_, in_features), (out_features, _) = adapter_shapes(layer, rank)
-            self.lora_down = nn.Linear(in_features, rank, bias=False, **factory)
-            self.lora_up = nn.Linear(rank, out_features, bias=False, **factory)
+            self.lora_down = _Linear(in_features, rank, bias=False, **factory)
+            self.lora_up = _Linear(rank, out_features, bias=False, **factory)
         self.dora_axis = dora_axis
         self.magnitude = None
         if dora:  # m starts as the norm of W along the axis, so W' = W at initialisation
