@@ -1,4 +1,4 @@
-"""Which modules get an adapter: module-path matching, a pure function.
+r"""Which modules get an adapter: module-path matching, a pure function.
 
 A module path is the dotted name `model.named_modules()` gives, e.g.
 `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`. A pattern is one of:

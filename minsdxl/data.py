@@ -49,10 +49,20 @@ import math
 import warnings
 from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+
+try:
+    import datasets  # Hub datasets (--dataset_name) only: a folder of images, the demo and the memory simulator
+except ImportError:  # need none, so a machine without it (a GPU image, say) can still run them
+    datasets = None
+
+
+def _need_datasets(what: str) -> None:
+    if datasets is None:
+        raise DataError(f"{what} needs the `datasets` package, which is not installed: pip install datasets "
+                        f"(or give --train_data_dir, a folder of images)")
 
 # Every extension of a format PIL can open (.png, .jpg, .webp, .gif, .bmp, .tif, .tga, ...); some,
 # like .eps (which needs Ghostscript), may still fail to decode, and are then listed as unreadable.
@@ -278,6 +288,7 @@ def _load_hub_dataset(name: str, data_dir: str | None, config_name: str | None =
                       cache_dir: str | None = None) -> datasets.Dataset:
     """The train split of a Hub (or local `datasets`-loadable) dataset, as diffusers' script loads it:
     `config_name` picks one of its configurations, `cache_dir` where downloads go."""
+    _need_datasets(f"dataset {name!r}")
     try:
         return datasets.load_dataset(name, config_name, data_dir=data_dir, cache_dir=cache_dir, split="train")
     except Exception as error:  # network, missing dataset, no train split: all mean "no data"
@@ -448,6 +459,7 @@ class Dataset(torch.utils.data.Dataset):
         elif dataset_name is not None and train_data_dir is not None:
             raise DataError("give a datasets.Dataset or train_data_dir, not both")
         if dataset_name is not None:
+            _need_datasets("a datasets.Dataset")
             if not isinstance(dataset_name, datasets.Dataset):
                 hint = " (pick a split: dataset['train'])" if isinstance(dataset_name, datasets.DatasetDict) else ""
                 raise DataError(f"dataset_name must be a name or a datasets.Dataset, got {type(dataset_name).__name__}{hint}")

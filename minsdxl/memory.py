@@ -346,7 +346,9 @@ def _train_module():
     """train.py: the repository's `train`, or the installed copy (minsdxl_scripts.train)."""
     try:
         import train
-    except ImportError:
+    except ModuleNotFoundError as e:
+        if e.name != "train":  # train.py is there but needs something missing: say that, not "no train"
+            raise
         from minsdxl_scripts import train
     return train
 

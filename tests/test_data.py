@@ -708,3 +708,41 @@ def test_dataset_config_name_and_cache_dir_reach_load_dataset(tmp_path):
     assert Dataset(dataset_name=str(root), dataset_config_name="big", resolution=64).captions == ["big 0", "big 1", "big 2"]
     with pytest.raises(DataError, match="dataset_config_name 'small' picks a configuration"):
         Dataset(train_data_dir=root / "small", dataset_config_name="small", resolution=64)
+
+
+BLOCK_DATASETS = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):  # as on a machine without the datasets package
+    def find_spec(self, name, path, target=None):
+        if name == "datasets" or name.startswith("datasets."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_without_the_datasets_package_folders_work_and_hub_names_say_what_is_missing(tmp_path):
+    """The GPU image this project is measured on has no `datasets`: train.py, the demo data and the
+    memory simulator must not need it; only a Hub dataset does, and it says so."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), "red").save(folder / "a.png")
+    (folder / "a.txt").write_text("a red square")
+    code = BLOCK_DATASETS + f"""
+import train  # imports minsdxl.data
+from minsdxl.data import DataError, Dataset
+print(len(Dataset(train_data_dir={str(folder)!r}, resolution=64)))
+try:
+    Dataset(dataset_name="lambdalabs/naruto-blip-captions", resolution=64)
+except DataError as e:
+    print("DataError:", e)
+"""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-2] == "1"
+    assert lines[-1].startswith("DataError: dataset 'lambdalabs/naruto-blip-captions' needs the `datasets` package")

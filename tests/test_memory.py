@@ -166,3 +166,17 @@ def test_a_run_that_would_not_fit_stops_before_loading(capsys):
     train.check_memory(plan, free, args, print)  # goes on, with the warning
     assert "warning: the predicted peak" in capsys.readouterr().out
     train.check_memory(plan, 2**30, demo_args(), print)  # fits: nothing said
+
+
+def test_a_dependency_train_py_lacks_is_named_not_hidden(tmp_path, monkeypatch):
+    """bench/gpu.sh's first H200 run: train.py needed `datasets`, which the image lacks, and the
+    simulator said "No module named 'minsdxl_scripts'" instead (its fallback for installed copies)."""
+    import sys
+
+    from minsdxl import memory
+
+    (tmp_path / "train.py").write_text("import some_package_this_machine_lacks\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "train", raising=False)
+    with pytest.raises(ModuleNotFoundError, match="some_package_this_machine_lacks"):
+        memory._train_module()
