@@ -10,8 +10,8 @@ seconds for the full model) under a tracker that sees every tensor storage the p
 and frees (`Tracker`, a TorchDispatchMode), phase by phase, in the order train.py runs them:
 
     load encoders   the text encoders and the VAE, into CPU memory (nothing on the device)
-    cache latents   the VAE alone on the device, encoding one image at --resolution (train.encode_image)
-    cache text      the text encoders alone on the device, encoding one caption (train.encode_captions)
+    cache latents   the VAE alone on the device, encoding one image at --resolution (minsdxl.cache.encode_image)
+    cache text      the text encoders alone on the device, encoding one caption (minsdxl.cache.encode_captions)
     load UNet       the frozen UNet in its dtype (--fp8_base: float8 weights), plus the encoders a step needs
     add LoRA        the adapters, fp32 (train.add_adapters)
     train step      two optimizer steps of train.batch_loss + backward (with our checkpointing and its
@@ -52,6 +52,16 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
+
+from . import devices
+from .cache import encode_captions, encode_image
+from .ema import EMA
+from .loading import encode_text
+from .lora_files import save_sdxl_lora
+from .optim import make_optimizer
+from .train_args import apply_demo_defaults, build_parser, fail
+from .train_args import parse_args as parse_args_of_train
+from .validation import guidance_conditioning, validation_images, vae_after_caching
 
 aten = torch.ops.aten
 GiB = 2**30
@@ -439,7 +449,7 @@ def _unet(args, weight_dtype, local: bool):
 def _seams(train, tracker: Tracker, target: str, chosen: dict):
     """What the simulation changes in the program it runs: autocast and SDPA as on `target`, and the
     staging of models as host/device bookkeeping instead of copies."""
-    saved = (train.autocast, train.staged, F.scaled_dot_product_attention)
+    saved = (devices.autocast, devices.staged, F.scaled_dot_product_attention)
 
     def autocast(device, dtype):
         if dtype == torch.float32:
@@ -466,12 +476,12 @@ def _seams(train, tracker: Tracker, target: str, chosen: dict):
         return torch_checkpoint(fn, *args, context_fn=contexts, **kwargs)
     from . import unet as unet_module
     torch_checkpoint = unet_module.checkpoint
-    train.autocast, train.staged, F.scaled_dot_product_attention = autocast, staged, attention_model(target, saved[2], chosen)
+    devices.autocast, devices.staged, F.scaled_dot_product_attention = autocast, staged, attention_model(target, saved[2], chosen)
     unet_module.checkpoint = checkpoint
     try:
         yield
     finally:
-        train.autocast, train.staged, F.scaled_dot_product_attention = saved
+        devices.autocast, devices.staged, F.scaled_dot_product_attention = saved
         unet_module.checkpoint = torch_checkpoint
 
 
@@ -506,13 +516,13 @@ def simulate(args: argparse.Namespace, target: str | None = None, steps: int = 2
         side = args.resolution
         # 3. Caches, each encoder alone on the device.
         if args.cache_latents:
-            with tracker.phase("cache latents", "activations"), train.staged(device, vae):
-                train.encode_image(vae, torch.zeros(3, side, side))
+            with tracker.phase("cache latents", "activations"), devices.staged(device, vae):
+                encode_image(vae, torch.zeros(3, side, side))
         prompt = None
         if args.cache_text_embeddings:
-            with tracker.phase("cache text", "activations"), train.staged(device, *tes):
-                prompt = train.encode_captions(tes, tokenizers, ["a photo of a cat"])  # (CPU copies: zeros)
-        vae = train.vae_after_caching(vae, args, weight_dtype)
+            with tracker.phase("cache text", "activations"), devices.staged(device, *tes):
+                prompt = encode_captions(tes, tokenizers, ["a photo of a cat"])  # (CPU copies: zeros)
+        vae = vae_after_caching(vae, args, weight_dtype)
         tracker.on_host(vae)  # (its converted weights too)
         # 4. The UNet; the encoders a step runs.
         with tracker.phase("load UNet", "weights"):
@@ -544,13 +554,13 @@ def simulate(args: argparse.Namespace, target: str | None = None, steps: int = 2
             v_args = copy.copy(args)
             v_args.validation_inference_steps = 1  # every denoising step needs the same memory
             meter = _TrackerMeter(tracker)
-            conditioning = train.guidance_conditioning(prompt[0][0], prompt[1][0], device, weight_dtype) if prompt else None
-            train.validation_images(unet, vae, tes, tokenizers, v_args, device, weight_dtype, [0], meter=meter,
+            conditioning = guidance_conditioning(prompt[0][0], prompt[1][0], device, weight_dtype) if prompt else None
+            validation_images(unet, vae, tes, tokenizers, v_args, device, weight_dtype, [0], meter=meter,
                                     conditioning=conditioning)
         # 8. Save
         with tracker.phase("save", "saving"):
             out = Path(tmp)
-            train.save_sdxl_lora(unet, out / "a.safetensors", format="kohya",
+            save_sdxl_lora(unet, out / "a.safetensors", format="kohya",
                                  text_encoders=tes if args.train_text_encoder else None)
     if "math" in chosen and target == "cuda":
         notes.append("some attention runs SDPA's math kernel, which stores the (B, heads, L, S) scores")
@@ -569,7 +579,7 @@ def simulate(args: argparse.Namespace, target: str | None = None, steps: int = 2
 
 
 class _TrackerMeter:
-    """train.PhaseMeter's interface over the tracker: validation_images marks its phases with it."""
+    """devices.PhaseMeter's interface over the tracker: validation_images marks its phases with it."""
 
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
@@ -582,19 +592,16 @@ def _train_steps(train, args, tracker, unet, tes, tokenizers, vae, adapted, trai
                  weight_dtype, device, steps: int) -> None:
     """`steps` optimizer steps of train.py's loop (each with up to two micro-batches when accumulating)."""
     from .schedule import NoiseSchedule
-    lr = args.learning_rate
-    groups = [{"params": [p for n, p in trainable_named.items() if not n.startswith(("te1.", "te2."))], "lr": lr}]
-    if args.train_text_encoder:
-        groups.append({"params": [p for n, p in trainable_named.items() if n.startswith(("te1.", "te2."))], "lr": lr})
+    groups = train.optimizer_groups(args, trainable_named, args.learning_rate)
     sched = NoiseSchedule()
     B, side = args.train_batch_size, args.resolution // 8
     micro = min(args.gradient_accumulation_steps, 2)
     with tracker.phase("train step", "optimizer state"):
-        optimizer = train.make_optimizer(args, groups, device)
+        optimizer = make_optimizer(args, groups, device)
         if args.optimizer == "adamw" and args.device != "cpu" and (args.device or "cuda").startswith("cuda"):
             for g in optimizer.param_groups:  # on CUDA torch's AdamW defaults to its foreach kernels (meta: the loop)
                 g["foreach"] = True
-        ema = train.EMA(trainable_named, args.ema_decay, "cpu" if args.ema_on_cpu else device) if args.use_ema else None
+        ema = EMA(trainable_named, args.ema_decay, "cpu" if args.ema_on_cpu else device) if args.use_ema else None
         scaler = torch.amp.GradScaler("cuda", enabled=False)  # fp16's loss scaling works in place
         for m in adapted.values():
             m.train()
@@ -603,12 +610,12 @@ def _train_steps(train, args, tracker, unet, tes, tokenizers, vae, adapted, trai
                 with tracker.labelled("activations"):
                     x0 = torch.zeros(B, 4, side, side)
                     if args.train_text_encoder or not args.cache_text_embeddings:
-                        with train.autocast(device, weight_dtype):
-                            context, pooled = train.encode_text(tes, tokenizers, ["a photo of a cat"] * B)
+                        with devices.autocast(device, weight_dtype):
+                            context, pooled = encode_text(tes, tokenizers, ["a photo of a cat"] * B)
                     else:
                         context, pooled = torch.zeros(B, 77, unet.config.cross_attention_dim), torch.zeros(B, unet.config.pooled_text_dim)
                     if not args.cache_latents:
-                        x0 = torch.stack([train.encode_image(vae, torch.zeros(3, args.resolution, args.resolution)) for _ in range(B)])
+                        x0 = torch.stack([encode_image(vae, torch.zeros(3, args.resolution, args.resolution)) for _ in range(B)])
                     time_ids = torch.zeros(B, 6)
                     noise, t = torch.zeros(x0.shape), torch.full((B,), 500)
                     loss, _ = train.batch_loss(unet, sched, x0, noise, t, context, pooled, time_ids, device, weight_dtype,
@@ -744,6 +751,43 @@ def suggestions(args: argparse.Namespace, vram: int, target: str = "cuda") -> li
     return [(" ".join(labels) + " (still too large)", plan)] if labels else []
 
 
+# --- train.py's plan, before it loads anything ------------------------------------------------------
+
+def plan_memory(args: argparse.Namespace, device: torch.device, log):
+    """The simulator's prediction of every phase (minsdxl.memory), before anything is loaded; on CUDA the
+    run stops here, with the table and the changes that would fit, if the peak is more than the GPU has free."""
+    if args.memory_plan == "off" or (args.memory_plan == "auto" and device.type != "cuda"):
+        return None
+    try:
+        plan = simulate(args, device.type)
+    except (SimulationError, ImportError) as e:
+        log(f"memory plan: not predicted ({e})")
+        return None
+    log("predicted device memory (python -m minsdxl.memory):\n" + plan.table())
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        check_memory(plan, free, args, log)
+    return plan
+
+
+def check_memory(plan, free: int, args: argparse.Namespace, log) -> None:
+    """Stop, before loading anything, if the predicted peak does not fit in `free` bytes (what the GPU has
+    free now, its CUDA context already made), unless --ignore_memory_plan."""
+    needed = (plan.peak - CUDA_CONTEXT) * (1 + FRAGMENTATION_MARGIN)
+    if needed <= free:
+        return
+    lines = [f"the predicted peak, {needed / 2**30:.2f} GiB (with {FRAGMENTATION_MARGIN:.0%} for the allocator), "
+             f"is more than the {free / 2**30:.2f} GiB this GPU has free; this run would run out of memory."]
+    found = suggestions(args, free + CUDA_CONTEXT, "cuda")
+    lines += [f"  {label}: predicted peak {(p.peak - CUDA_CONTEXT) / 2**30:.2f} GiB" for label, p in found] \
+        or ["  (no single change found)"]
+    msg = "\n".join(lines) + "\nChange the flags, or pass --ignore_memory_plan to try anyway."
+    if args.ignore_memory_plan:
+        log("warning: " + msg)
+        return
+    fail(msg)
+
+
 # --- the command line -------------------------------------------------------------------------------------
 
 # The 12 GB recipe (docs/memory.md): used for these flags when they are not given, unless --train_defaults.
@@ -752,7 +796,6 @@ RECIPE = {"train_batch_size": 1, "rank": 16, "gradient_checkpointing": True}
 
 def parse_args(argv: list[str] | None):
     """train.py's flags (its own parser, --config included) plus --vram, --json and --train_defaults."""
-    train = _train_module()
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--vram", help="the card's memory, e.g. 12GB: says whether the run fits and what would make it fit")
     extra.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -765,7 +808,7 @@ def parse_args(argv: list[str] | None):
               "  --train_defaults   flags not given take train.py's defaults, not the 12 GB recipe's "
               f"({' '.join(f'--{k} {v}' for k, v in RECIPE.items())})\nand every flag of train.py (python train.py --help)")
         raise SystemExit(0)
-    args = train.parse_args(rest)
+    args = parse_args_of_train(rest)
     args._assumed = {}
     if not ours.train_defaults:
         for key, value in RECIPE.items():
@@ -776,9 +819,9 @@ def parse_args(argv: list[str] | None):
         args.output_dir = tempfile.mkdtemp(prefix="minsdxl-memory-")
         for key in RECIPE:
             if key in args._assumed:
-                setattr(args, key, train.build_parser().get_default(key))
+                setattr(args, key, build_parser().get_default(key))
         args._assumed = {}
-        train.apply_demo_defaults(args)
+        apply_demo_defaults(args)
     if args.use_8bit_adam:
         args.optimizer = "adamw8bit"
     if args.train_text_encoder:

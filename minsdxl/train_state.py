@@ -14,6 +14,7 @@ pickles can), and a damaged one is reported by file (`load_checkpoint`), never h
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -25,6 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lora.files import write_safetensors
+
+from .train_args import CHANGEABLE_ON_RESUME, NOT_PART_OF_THE_RUN, fail
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TEMPORARY_RE = re.compile(r"^\.checkpoint-\d+\.")  # a write that was killed before its rename
@@ -222,3 +225,104 @@ def clear_run(output_dir: str | Path, logging_dir: str | None = None) -> None:
             shutil.rmtree(p, ignore_errors=True)
         elif p.exists():
             p.unlink()
+
+
+# --- before a run loads anything: its output folder and the checkpoint it resumes from --------------
+
+def check_output_dir(out: Path) -> None:
+    """--output_dir is a folder we can write to (made if needed)."""
+    if out.exists() and not out.is_dir():
+        fail(f"--output_dir {out} is a file, not a folder; pass a folder (it is created if needed).")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        fail(f"--output_dir {out} cannot be written to ({e.strerror or e}); pass a folder you can write to.")
+
+
+def guard_previous_run(args: argparse.Namespace, out: Path, ddp, log) -> None:
+    """A fresh run never overwrites a previous run's results without being told to."""
+    found = previous_run(out)
+    if found and not args.resume_from_checkpoint and not args.overwrite_output_dir:
+        fail(f"--output_dir {out} holds a previous run ({'; '.join(found)}). Add --resume_from_checkpoint latest "
+             f"to go on with it, --overwrite_output_dir to start again there (deleting its results), or pass "
+             f"another --output_dir.")
+    ddp.barrier()  # every rank has looked before rank 0 changes anything
+    if ddp.main:
+        if found and args.overwrite_output_dir:
+            clear_run(out, args.logging_dir)
+            log(f"--overwrite_output_dir: deleted the previous run in {out} ({'; '.join(found)})")
+        for leftover in remove_leftovers(out):
+            log(f"removed {leftover.name}: an unfinished checkpoint write of a run that was killed")
+    ddp.barrier()
+
+
+def find_checkpoint(args: argparse.Namespace, out: Path, world: int, log):
+    """The checkpoint to resume from, read and checked: (path, state, adapters, optimizer_sd, rng), or
+    None to start from step 0. With 'latest', a damaged newest checkpoint is skipped, saying so."""
+    if args.resume_from_checkpoint == "latest":
+        path, loaded, skipped = load_latest_intact(out)
+        for _, why in skipped:
+            log(f"warning: {why}")
+        if path is None:
+            if previous_run(out):
+                fail(f"--resume_from_checkpoint latest: {out} holds a previous run ({'; '.join(previous_run(out))}) "
+                     f"but no intact checkpoint to resume from. Pass --overwrite_output_dir instead to start "
+                     f"again there, or another --output_dir.")
+            log(f"no checkpoint in {out}: starting from step 0")
+            return None
+        if skipped:
+            log(f"resuming from {path.name}, the newest intact checkpoint")
+    else:
+        path = Path(args.resume_from_checkpoint)
+        try:
+            loaded = load_checkpoint(path)
+        except CheckpointError as e:
+            fail(str(e))
+    compare_resumed_flags(args, loaded[0], path, world, log)
+    return (path, *loaded)
+
+
+def compare_resumed_flags(args: argparse.Namespace, state: dict, path: Path, world: int, log) -> None:
+    """Flags that differ from the checkpoint's run: those that can change are applied, one line each;
+    those that shape the adapters, the data or the randomness are refused, by name. The batch size
+    and accumulation may change together with the number of processes as long as the global batch
+    (batch x processes x accumulation) stays the same: the data position is kept in global batches."""
+    saved = state.get("args")
+    if saved is None:
+        log(f"note: {path} records no flags (an older checkpoint): this run's flags are not compared with it")
+        return
+    per_step = ("train_batch_size", "gradient_accumulation_steps")
+    if all(k in saved for k in per_step):
+        before = saved["train_batch_size"] * saved["gradient_accumulation_steps"] * state.get("world_size", 1)
+        now = args.train_batch_size * args.gradient_accumulation_steps * world
+        if before != now:
+            fail(f"{path} was written by a run with a global batch of {before} images per step "
+                 f"(--train_batch_size x processes x --gradient_accumulation_steps); this one has {now}. It cannot "
+                 f"change on resume: choose the batch size and accumulation that give {before}.")
+        saved = {k: v for k, v in saved.items() if k not in per_step}
+    ignored = NOT_PART_OF_THE_RUN | ({"pretrained_model_name_or_path", "train_data_dir"} if args.demo else set())
+    # (--demo's model and data live inside the output folder, which may have moved)
+    changed = {k: (saved[k], v) for k, v in vars(args).items()
+               if not k.startswith("_") and k in saved and saved[k] != v and k not in ignored}
+    refused = {k: c for k, c in changed.items() if k not in CHANGEABLE_ON_RESUME}
+    if refused:
+        fail(f"{path} was written by a run with other " + ", ".join(
+            f"--{k} {old!r} (now {new!r})" for k, (old, new) in refused.items()) +
+            ". These shape the adapters, the data or the randomness and cannot change on resume: pass the run's own "
+            "values (its config.toml has them), or start a new run in another --output_dir.")
+    for k, (old, new) in changed.items():
+        log(f"resume: --{k} changed from {old!r} to {new!r}; applied from step {state['step']} on")
+
+
+def check_adapters_fit(path: Path, adapters: dict[str, torch.Tensor], trainable: dict[str, torch.Tensor]) -> None:
+    """The checkpoint's adapters are exactly this run's trainable tensors, by name and shape."""
+    names = sorted(set(adapters) ^ set(trainable))
+    shapes = [f"{n}: checkpoint {tuple(adapters[n].shape)}, this run {tuple(trainable[n].shape)}"
+              for n in sorted(set(adapters) & set(trainable)) if adapters[n].shape != trainable[n].shape]
+    if names or shapes:
+        fail(f"{path} holds adapters that do not fit this run's LoRA layers ({len(names)} names differ, e.g. "
+             f"{names[:3]}; {len(shapes)} shapes differ, e.g. {shapes[:3]}). --rank, --lora_targets, --conv_rank, "
+             f"--use_dora and --train_text_encoder must be those of the run that wrote it (its config.toml has them).")

@@ -80,7 +80,8 @@ def test_predicted_step_peak_equals_the_profilers(name):
 
 def test_phases_are_train_pys():
     """The simulator's phase names are those train.py measures (PhaseMeter), so the two tables line up."""
-    names = set(re.findall(r'meter\.phase\("([^"]+)"\)', (ROOT / "train.py").read_text())) | {"train step"}
+    sources = [ROOT / "train.py", ROOT / "minsdxl" / "validation.py"]  # (validation images mark their own phases)
+    names = {n for f in sources for n in re.findall(r'meter\.phase\("([^"]+)"\)', f.read_text())}
     plan = memory.simulate(demo_args("--validation_prompt", "a cat"))
     assert {p.name for p in plan.phases} <= names
     assert {"load UNet", "cache latents", "cache text", "train step", "validation: denoise", "validation: decode",
@@ -161,8 +162,8 @@ def test_a_run_that_would_not_fit_stops_before_loading(capsys):
     free = 27 * 2**20  # fp32 tiny step: 31.5 MiB predicted; with checkpointing 24.7 MiB (+ 5% for fragmentation)
     assert plan.peak - memory.CUDA_CONTEXT > free
     with pytest.raises(SystemExit, match=r"(?s)more than the 0.03 GiB this GPU has free.*\n  --gradient_checkpointing: predicted peak 0.02 GiB"):
-        train.check_memory(plan, free, args, print)
+        memory.check_memory(plan, free, args, print)
     args.ignore_memory_plan = True
-    train.check_memory(plan, free, args, print)  # goes on, with the warning
+    memory.check_memory(plan, free, args, print)  # goes on, with the warning
     assert "warning: the predicted peak" in capsys.readouterr().out
-    train.check_memory(plan, 2**30, demo_args(), print)  # fits: nothing said
+    memory.check_memory(plan, 2**30, demo_args(), print)  # fits: nothing said
