@@ -1,7 +1,8 @@
-"""train.py: LoRA training of SDXL that fits a 12 GB GPU, resumable, with a CPU demo.
+"""train.py: LoRA training and full fine-tuning of SDXL on a 12 GB GPU, resumable, with a CPU demo.
 
-The flags are those of diffusers' `examples/text_to_image/train_text_to_image_lora_sdxl.py`, with
-the same meaning, so a command line written for it runs here with only the script name changed.
+The flags are those of diffusers' `examples/text_to_image/train_text_to_image_lora_sdxl.py` and, with
+--full_finetune, of `train_text_to_image_sdxl.py`, with the same meaning, so a command line written
+for them runs here with only the script name changed.
 One training step (epsilon prediction, DDPM; Ho et al. 2020, SDXL: Podell et al. 2023):
 
     x0      = VAE(image) * 0.13025                  latents (B, 4, H/8, W/8), cached once
@@ -10,17 +11,22 @@ One training step (epsilon prediction, DDPM; Ho et al. 2020, SDXL: Podell et al.
     x_t     = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps    minsdxl.schedule.add_noise
     loss    = | UNet_with_LoRA(x_t, t, c, p, time_ids) - eps |^2
 
-Only the LoRA matrices train (fp32 master weights); the UNet is frozen in bf16/fp16 and runs under
-autocast. `python train.py --demo` runs all of it on a tiny random SDXL on the CPU in a minute.
+With LoRA only the adapter matrices train (fp32 master weights); the UNet is frozen in bf16/fp16 and
+runs under autocast. With --full_finetune every UNet weight trains, in bf16 with stochastic rounding,
+each updated inside backward as soon as its gradient is complete (minsdxl.fused_backward), so the
+2.6B-parameter UNet trains at 1024x1024 in under 8 GB. `python train.py --demo` runs either on a tiny
+random SDXL on the CPU in a minute.
 
 How to read this file: `train()` at the bottom is one run, phase by phase (0. checks, 1. data,
-2. encoders, 3. caches, 4. UNet, 5. what trains, 6. optimizer and resume, 7. the loop, 8. save), each
+2. encoders, 3. caches, 4. UNet, 5. what trains: LoRA adapters or every weight, 6. optimizer and
+resume, 7. the loop, 8. save), each
 phase one call to a function defined above it, in that order. The step itself is three functions
 at the top: `batch_loss` (the noise is added and the loss computed), `optimizer_step` (the weights
 are updated) and `train_loop` (which runs them). The reusable pieces live in minsdxl, each in a
 module named for what it is: the flags (train_args), caches (cache), optimizer and schedule (optim),
-EMA (ema), validation images (validation), torchrun (distributed), checkpoints and resume
-(train_state), metrics (reporting), Ctrl-C (stopping), devices and memory (devices, memory).
+the full fine-tuning step (fused_backward, stochastic_rounding), EMA (ema), validation images
+(validation), torchrun (distributed), checkpoints and resume (train_state), output files (lora_files,
+model_files), metrics (reporting), Ctrl-C (stopping), devices and memory (devices, memory).
 """
 
 from __future__ import annotations
@@ -52,18 +58,20 @@ from minsdxl.data import BucketBatchSampler, DataError, Dataset, drop_caption, s
 from minsdxl.distributed import Distributed
 from minsdxl.ema import EMA
 from minsdxl.fp8 import quantize_fp8
+from minsdxl.fused_backward import PerParameterOptimizer
 from minsdxl.generate import Models
 from minsdxl.loading import LoadError, encode_text, load_text_encoders, load_tokenizers, load_unet, load_vae
 from minsdxl.lora_files import LORA_TARGET_PRESETS, TEXT_ENCODER_TARGETS, save_sdxl_lora
 from minsdxl.memory import plan_memory
+from minsdxl.model_files import save_diffusers_unet, save_single_file
 from minsdxl.optim import lr_factor, make_optimizer
 from minsdxl.reporting import MetricsLog, Reporter, read_metrics, save_loss_plot
 from minsdxl.schedule import NoiseSchedule
 from minsdxl.stopping import Interrupted, StopRequest
 from minsdxl.train_args import (TrainingError, apply_demo_defaults, build_parser, check_args, fail, parse_args,  # noqa: F401
                                 write_config)  # (build_parser: `train.build_parser()` is the script's parser)
-from minsdxl.train_state import (check_adapters_fit, check_output_dir, find_checkpoint, guard_previous_run, restore_rng,
-                                 save_checkpoint)
+from minsdxl.train_state import (TRAINED_FILES, CheckpointError, check_adapters_fit, check_output_dir, find_checkpoint,
+                                 guard_previous_run, restore_rng, save_checkpoint, single_file_name)
 from minsdxl.unet import UNet
 from minsdxl.validation import Validator, vae_after_caching
 
@@ -100,12 +108,14 @@ def batch_loss(unet, sched: NoiseSchedule, x0, noise, t, context, pooled, time_i
 
 
 def optimizer_step(optimizer, scaler, trainable: list, max_grad_norm: float, ema, trainable_named: dict) -> None:
-    """One update from the accumulated gradients: unscale (fp16), clip, step, EMA, and free the gradients."""
-    scaler.unscale_(optimizer)
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-    scaler.step(optimizer)
-    scaler.update()
+    """One update from the accumulated gradients: unscale (fp16), clip, step, EMA, and free the gradients.
+    A step fused into backward (--full_finetune) has updated every weight already: only the EMA is left."""
+    if not (isinstance(optimizer, PerParameterOptimizer) and optimizer.fused):
+        scaler.unscale_(optimizer)
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
     if ema is not None:
         ema.update(trainable_named)
     optimizer.zero_grad(set_to_none=True)
@@ -155,7 +165,7 @@ def train_loop(run: "Run", data: "Data", cond: Conditioning, frozen: "Frozen", u
     progress = tqdm(total=data.total_steps, initial=p.step, desc="training", dynamic_ncols=True, disable=not ddp.main)
     for model in adapted.values():
         model.train()
-    # Under torchrun: DDP averages the adapters' gradients over the processes (unet_step is what runs forward).
+    # Under torchrun: DDP averages the trained tensors' gradients over the processes (unet_step is what runs forward).
     unet_step = ddp.wrap(unet, run.device)
     encoders_step = [ddp.wrap(te, run.device) for te in frozen.text_encoders] if args.train_text_encoder else frozen.text_encoders
     wrapped = [m for m in (unet_step, *encoders_step) if m is not unet and all(m is not te for te in frozen.text_encoders)]
@@ -168,6 +178,9 @@ def train_loop(run: "Run", data: "Data", cond: Conditioning, frozen: "Frozen", u
                 data.sampler.set_epoch(p.epoch, skip_batches=p.batches_done)
                 for batch_indices in data.sampler:
                     last_micro = micro + 1 == args.gradient_accumulation_steps or p.batches_done + 1 == data.batches_per_epoch
+                    if micro == 0:  # this step's learning rate, set before backward: a fused step updates inside it
+                        for group in optimizer.param_groups:
+                            group["lr"] = group["base_lr"] * lr_factor(p.step, args, data.total_steps)
                     with contextlib.ExitStack() as sync:
                         if not last_micro:  # DDP: no gradient all-reduce until the last micro-batch of the step
                             for m in wrapped:
@@ -189,8 +202,6 @@ def train_loop(run: "Run", data: "Data", cond: Conditioning, frozen: "Frozen", u
                     if micro < args.gradient_accumulation_steps and p.batches_done < data.batches_per_epoch:
                         continue
                     # One optimizer step.
-                    for group in optimizer.param_groups:
-                        group["lr"] = group["base_lr"] * lr_factor(p.step, args, data.total_steps)
                     optimizer_step(optimizer, scaler, trainable, args.max_grad_norm, ema, trainable_named)
                     p.step += 1
                     now = time.perf_counter()
@@ -284,10 +295,14 @@ def prepare(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) 
     device = ddp.device(args.device)
     make_optimizer(args, [], device, check_only=True)  # 8-bit AdamW off CUDA, a missing optional package
     weight_dtype = devices.pick_precision(args, device)
+    if args.full_finetune and weight_dtype == torch.float16:  # (a GPU without bf16, --mixed_precision not given)
+        fail(f"--full_finetune trains weights in bf16 or fp32, and this {device} has no bf16: pass --mixed_precision no "
+             f"(fp32 weights, twice the memory), or train a LoRA.")
     meter = devices.PhaseMeter(device)
     plan = plan_memory(args, device, log)  # (every process: each checks its own GPU)
     resume = find_checkpoint(args, out, ddp.world, log) if args.resume_from_checkpoint else None
-    check_lora_targets(args, log)
+    if not args.full_finetune:
+        check_lora_targets(args, log)
     if ddp.main:
         write_config(args, out / "config.toml")  # the resolved flags: `--config out/config.toml` repeats the run
     reporter = Reporter(args.report_to if ddp.main else "none", out, args)
@@ -296,7 +311,12 @@ def prepare(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) 
         torch.backends.cuda.matmul.allow_tf32 = True
     seed = 0 if args.seed is None else args.seed
     torch.manual_seed(seed)
-    log(f"device {device}, frozen weights in {weight_dtype}, LoRA weights in float32")
+    if args.full_finetune:
+        rounding = " with stochastic rounding" if weight_dtype == torch.bfloat16 and args.stochastic_rounding else ""
+        log(f"device {device}, every UNet weight trains in {weight_dtype}{rounding}; {args.optimizer}, each weight's "
+            f"step {'fused into backward' if args.fused_backward_pass else 'after backward'}")
+    else:
+        log(f"device {device}, frozen weights in {weight_dtype}, LoRA weights in float32")
     return Run(args, ddp, log, stop, out, device, weight_dtype, meter, plan, resume, reporter, seed, started)
 
 
@@ -442,6 +462,34 @@ def optimizer_groups(args: argparse.Namespace, trainable_named: dict, lr: float)
     return groups
 
 
+def full_weights(unet: UNet) -> tuple[dict, dict[str, torch.Tensor]]:
+    """5. --full_finetune: every UNet weight trains, in the dtype it was loaded in (the text encoders stay
+    frozen, their outputs cached). Returns the same as add_adapters."""
+    unet.requires_grad_(True)
+    return {"unet": unet}, dict(unet.named_parameters())
+
+
+def make_full_optimizer(args: argparse.Namespace, trainable_named: dict, lr: float, device: torch.device,
+                        seed: int) -> PerParameterOptimizer:
+    """6. --full_finetune's optimizer: --optimizer for each weight tensor on its own (minsdxl.fused_backward),
+    bf16 updates rounded stochastically with a generator seeded from --seed, fused into backward unless the
+    gradients must be kept."""
+    generator = None
+    if device.type != "meta":  # (the memory simulator's meta tensors draw without one)
+        generator = torch.Generator(device).manual_seed(seeded_generator("stochastic rounding", seed).initial_seed())
+    optimizer = PerParameterOptimizer(trainable_named, lambda groups: make_optimizer(args, groups, device), lr,
+                                      args.stochastic_rounding, generator)
+    if args.fused_backward_pass:
+        optimizer.fuse(args.max_grad_norm)
+    return optimizer
+
+
+def generators_of(optimizer) -> dict[str, torch.Generator]:
+    """The run's own random streams that checkpoints keep: stochastic rounding's, with --full_finetune."""
+    gen = getattr(optimizer, "generator", None)
+    return {"stochastic_rounding": gen} if gen is not None else {}
+
+
 def resume(run: Run, trainable_named: dict, optimizer, groups: list[dict], ema, scaler) -> Progress:
     """6. The checkpoint's weights, optimizer state, EMA, loss scale and random state, and where the run was."""
     if run.resume is None:
@@ -455,12 +503,16 @@ def resume(run: Run, trainable_named: dict, optimizer, groups: list[dict], ema, 
         if ema is not None:
             for name in ema.shadow:
                 ema.shadow[name].copy_(ema_state.get(name, trainable_named[name]))
-    optimizer.load_state_dict(opt_sd)
-    for group, fresh in zip(optimizer.param_groups, groups):
-        group["base_lr"] = fresh["base_lr"]  # this run's --learning_rate (the same unless changed)
+    optimizer.load_state_dict(opt_sd)  # (a PerParameterOptimizer keeps this run's base_lr itself)
+    if not isinstance(optimizer, PerParameterOptimizer):
+        for group, fresh in zip(optimizer.param_groups, groups):
+            group["base_lr"] = fresh["base_lr"]  # this run's --learning_rate (the same unless changed)
     if scaler.is_enabled() and state.get("grad_scaler"):
         scaler.load_state_dict(state["grad_scaler"])  # fp16: the loss scale it had reached
-    restore_rng(rng, None)
+    try:
+        restore_rng(rng, None, generators_of(optimizer))
+    except CheckpointError as e:
+        fail(f"{ckpt}: {e}")
     # The data position is kept in global batches, so a run can resume on another number of processes.
     world = run.ddp.world
     global_done = state["batches_done"] * state.get("world_size", 1)
@@ -473,7 +525,8 @@ def resume(run: Run, trainable_named: dict, optimizer, groups: list[dict], ema, 
 
 
 def checkpoint(run: Run, p: Progress, trainable_named: dict, optimizer, ema, scaler) -> None:
-    """A checkpoint of this step (rank 0): the trained tensors and their EMA, the optimizer, and where the run is."""
+    """A checkpoint of this step (rank 0): the trained tensors and their EMA, the optimizer, the random
+    streams, and where the run is."""
     if not run.ddp.main:
         return
     args = run.args
@@ -482,7 +535,8 @@ def checkpoint(run: Run, p: Progress, trainable_named: dict, optimizer, ema, sca
              "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
     tensors = trainable_named | ({f"ema.{n}": t for n, t in ema.shadow.items()} if ema else {})
     with run.meter.phase("save"):
-        path = save_checkpoint(run.out, p.step, tensors, optimizer, state, keep_last=args.checkpoints_total_limit)
+        path = save_checkpoint(run.out, p.step, tensors, optimizer, state, keep_last=args.checkpoints_total_limit,
+                               generators=generators_of(optimizer), trained_file=TRAINED_FILES[args.full_finetune])
     run.log(f"saved {path}")
 
 
@@ -511,6 +565,21 @@ def save_lora(run: Run, unet: UNet, frozen: Frozen, dataset: Dataset, p: Progres
     return files
 
 
+def save_full(run: Run, unet: UNet, p: Progress, stopped: bool) -> list[Path]:
+    """8. --full_finetune: the UNet as a diffusers unet/ folder, and as one SDXL file in the official
+    layout with the base model's text encoders and VAE (what ComfyUI and A1111 load as a model)."""
+    args, out = run.args, run.out
+    metadata = {"minsdxl.base_model": str(args.pretrained_model_name_or_path), "minsdxl.steps": str(p.step),
+                "minsdxl.resolution": str(args.resolution), "minsdxl.learning_rate": str(args.learning_rate),
+                "minsdxl.partial": str(stopped).lower()}
+    with run.meter.phase("save"):
+        folder = save_diffusers_unet(unet, out / "unet", metadata)
+        single = save_single_file(unet, out / single_file_name(out), args.pretrained_model_name_or_path,
+                                  args.pretrained_vae_model_name_or_path, args.variant, args.revision, args.cache_dir,
+                                  metadata)
+    return [folder, single]
+
+
 def finish(run: Run, files: list[Path], p: Progress, validator: Validator) -> dict:
     """The last validation grid, loss.png and summary.json; what was written, said once."""
     args, out, log = run.args, run.out, run.log
@@ -534,8 +603,12 @@ def finish(run: Run, files: list[Path], p: Progress, validator: Validator) -> di
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log(f"done: {p.step} steps in {summary['seconds']} s, peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB, "
         f"final loss {summary['final_loss']}; wrote:\n  " + "\n  ".join(summary["files"]))
-    log(f"for ComfyUI / A1111 use {files[1].name}; {files[0].name} is for diffusers (pipe.load_lora_weights) "
-        f"and sample.py, which read both" + (" (DoRA: see docs/lora.md for how each tool renders it)" if args.use_dora else ""))
+    if args.full_finetune:
+        log(f"for ComfyUI / A1111 use {files[1].name} (a whole SDXL model); {files[0].name}/ is the UNet for diffusers "
+            f"(UNet2DConditionModel.from_pretrained, or in place of a pipeline's unet/)")
+    else:
+        log(f"for ComfyUI / A1111 use {files[1].name}; {files[0].name} is for diffusers (pipe.load_lora_weights) "
+            f"and sample.py, which read both" + (" (DoRA: see docs/lora.md for how each tool renders it)" if args.use_dora else ""))
     return summary
 
 
@@ -555,13 +628,17 @@ def train(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) ->
     cond = fill_caches(run, data.dataset, frozen)
     # 4. The UNet, frozen in weight_dtype, straight onto the device.
     unet = load_frozen_unet(run, frozen)
-    # 5. What trains: LoRA adapters on the frozen UNet (and text encoders); nothing else.
-    with run.meter.phase("add LoRA"):
-        adapted, trainable_named = add_adapters(args, unet, frozen.text_encoders, log)
+    # 5. What trains: LoRA adapters on the frozen UNet (and text encoders), or every UNet weight.
+    if args.full_finetune:
+        adapted, trainable_named = full_weights(unet)
+    else:
+        with run.meter.phase("add LoRA"):
+            adapted, trainable_named = add_adapters(args, unet, frozen.text_encoders, log)
     unet.set_gradient_checkpointing(args.gradient_checkpointing)
     # 6. Optimizer, EMA, loss scaler (fp16), and the checkpoint's state when resuming.
     groups = optimizer_groups(args, trainable_named, data.lr)
-    optimizer = make_optimizer(args, groups, run.device)
+    optimizer = (make_full_optimizer(args, trainable_named, data.lr, run.device, run.seed) if args.full_finetune
+                 else make_optimizer(args, groups, run.device))
     ema = EMA(trainable_named, args.ema_decay, "cpu" if args.ema_on_cpu else run.device) if args.use_ema else None
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.weight_dtype == torch.float16)
     progress = resume(run, trainable_named, optimizer, groups, ema, scaler)
@@ -569,19 +646,24 @@ def train(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) ->
     validator = Validator(args, Models(unet, frozen.vae, frozen.text_encoders, frozen.tokenizers), adapted, run.device,
                           run.weight_dtype, run.seed, run.out, run.meter, run.reporter, log,
                           text_of=cond.text if args.cache_text_embeddings else None)
+    if args.full_finetune and args.validation_prompt and ddp.main and progress.step == 0:
+        validator.base(lambda: stop.signum is not None)  # the base model's images, before training changes it
     losses, stopped = train_loop(run, data, cond, frozen, unet, adapted, trainable_named, optimizer, ema, scaler,
                                  progress, validator)
     if not ddp.main:  # rank 0 writes the files
         return {"step": progress.step, "losses": losses, "stopped": stopped, "signal": stop.signum}
-    # 8. Save the LoRA (the EMA weights with --use_ema); a stopped run saves it too, from the step it
-    # reached, marked partial.
+    # 8. Save the LoRA, or the fine-tuned model (the EMA weights with --use_ema); a stopped run saves them
+    # too, from the step it reached, marked partial.
     if ema is not None:
         ema.copy_to(trainable_named)
-    files = save_lora(run, unet, frozen, data.dataset, progress, stopped)
+    if args.full_finetune:
+        files = save_full(run, unet, progress, stopped)
+    else:
+        files = save_lora(run, unet, frozen, data.dataset, progress, stopped)
     if stopped:
         log(f"stopped by {signal.Signals(stop.signum).name} at step {progress.step} of {data.total_steps}: saved a "
-            f"checkpoint, and the LoRA of step {progress.step} (marked partial) in {files[0].name} and {files[1].name}. "
-            f"Resume with --resume_from_checkpoint latest.")
+            f"checkpoint, and the {'model' if args.full_finetune else 'LoRA'} of step {progress.step} (marked partial) "
+            f"in {files[0].name} and {files[1].name}. Resume with --resume_from_checkpoint latest.")
         return {"step": progress.step, "losses": losses, "files": files, "stopped": True, "signal": stop.signum}
     summary = finish(run, files, progress, validator)
     return {"step": progress.step, "losses": losses, "files": files, "stopped": False, "summary": summary}

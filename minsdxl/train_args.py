@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from .cli import HelpFormatter
@@ -78,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
       help="init of the down matrix (up starts at zero either way); diffusers' script uses gaussian")
     a("--train_text_encoder", action="store_true", help="LoRA on both CLIP text encoders too (no text caching then)")
     a("--text_encoder_lr", type=float, help="learning rate of the text-encoder adapters (default: --learning_rate)")
+    # Full fine-tuning (diffusers' train_text_to_image_sdxl.py)
+    a("--full_finetune", action="store_true", help="train every UNet weight instead of LoRA adapters (bf16 weights with "
+      "stochastic rounding, Adafactor, the step fused into backward); writes unet/ and a single-file SDXL model")
+    a("--fused_backward_pass", action=argparse.BooleanOptionalAction, default=None,
+      help="--full_finetune: update each weight inside backward as soon as its gradient is complete, so that no full "
+           "set of gradients exists (default: on, unless --gradient_accumulation_steps > 1 or under torchrun)")
+    a("--stochastic_rounding", action=argparse.BooleanOptionalAction, default=True,
+      help="--full_finetune in bf16: round each updated weight to bf16 at random, unbiased; off: to nearest, which "
+           "drops updates smaller than half a bf16 step")
     # Optimisation
     a("--train_batch_size", type=int, default=16)
     a("--num_train_epochs", type=int, default=100)
@@ -95,10 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--adam_weight_decay", type=float, default=1e-2)
     a("--adam_epsilon", type=float, default=1e-8)
     a("--optimizer", choices=OPTIMIZERS, default="adamw",
-      help="adamw8bit needs bitsandbytes and CUDA; prodigy needs prodigyopt (use --learning_rate 1.0)")
+      help="adamw8bit needs bitsandbytes and CUDA; prodigy needs prodigyopt (use --learning_rate 1.0); "
+           "--full_finetune's default is adafactor")
     a("--use_8bit_adam", action="store_true", help="the same as --optimizer adamw8bit")
     a("--prodigy_d_coef", type=float, default=1.0, help="Prodigy's d_coef")
-    a("--use_ema", action="store_true", help="keep an exponential moving average of the adapter weights; save it")
+    a("--use_ema", action="store_true", help="keep an exponential moving average of the trained weights; save it")
     a("--ema_decay", type=float, default=0.999)
     a("--ema_on_cpu", action="store_true", help="keep the EMA copy in CPU memory (saves VRAM)")
     a("--max_grad_norm", type=float, default=1.0)
@@ -144,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; `--config run.toml` supplies values for any flag, and flags given on the
-    command line win over it. `args._explicit` holds the flags that were given either way."""
+    command line win over it. `args._explicit` holds the flags that were given either way,
+    `args._command_line` those given on the command line."""
     p = build_parser()
     pre, _ = p.parse_known_args(argv)
     from_config = read_config(pre.config, {act.dest for act in p._actions}) if pre.config else {}
@@ -153,7 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     given = build_parser()
     for action in given._actions:
         action.default = argparse.SUPPRESS  # so only flags on the command line appear
-    args._explicit = set(vars(given.parse_args(argv))) | set(from_config)
+    args._command_line = set(vars(given.parse_args(argv)))
+    args._explicit = args._command_line | set(from_config)
     return args
 
 
@@ -196,6 +209,8 @@ def apply_demo_defaults(args: argparse.Namespace) -> None:
                 lr_scheduler="constant", lr_warmup_steps=0, rank=8, lora_targets="attn_ff", mixed_precision="no",
                 device="cpu", checkpointing_steps=50, seed=0, validation_inference_steps=4)
     for key, value in demo.items():
+        if args.full_finetune and key in LORA_ONLY:
+            continue  # no adapters
         if key not in getattr(args, "_explicit", set()):
             setattr(args, key, value)
 
@@ -227,6 +242,7 @@ def check_args(args: argparse.Namespace) -> None:
         fail("--use_dora reads the base weights, which --fp8_base stores scaled in float8: pass one of them.")
     if args.use_8bit_adam:
         args.optimizer = "adamw8bit"
+    check_full_finetune(args)
     if args.train_text_encoder and args.cache_text_embeddings:
         print("note: --train_text_encoder: the text conditioning changes as the text encoders train, so it is "
               "computed every step instead of cached (--cache_text_embeddings is off).")
@@ -237,6 +253,60 @@ def check_args(args: argparse.Namespace) -> None:
         fail("--overwrite_output_dir starts the run again and --resume_from_checkpoint goes on with it: pass one.")
 
 
+# LoRA's flags. --full_finetune has no adapters: each of these is refused by name when set.
+LORA_ONLY = ("rank", "lora_alpha", "lora_targets", "conv_rank", "conv_alpha", "lora_dropout", "rank_dropout",
+             "module_dropout", "use_dora", "init_lora_weights", "fp8_base", "train_text_encoder", "text_encoder_lr")
+FULL_ONLY = ("fused_backward_pass", "stochastic_rounding")  # and these need --full_finetune
+
+
+def is_set(args: argparse.Namespace, flag: str, defaults: argparse.ArgumentParser) -> bool:
+    """The flag was given on the command line, or has a value other than its default (from a --config file)."""
+    return flag in getattr(args, "_command_line", set()) or getattr(args, flag) != defaults.get_default(flag)
+
+
+def check_full_finetune(args: argparse.Namespace) -> None:
+    """--full_finetune's combinations, each refusal naming the flag, and its defaults: Adafactor, and the
+    optimizer step fused into backward unless accumulation or torchrun needs the gradients kept."""
+    defaults = build_parser()
+    if not args.full_finetune:
+        for flag in FULL_ONLY:
+            if is_set(args, flag, defaults):
+                fail(f"--{flag} is for --full_finetune (LoRA keeps fp32 adapters and steps after backward): add "
+                     f"--full_finetune or remove --{flag}.")
+        return
+    reasons = {"train_text_encoder": "the text encoders stay frozen and their outputs cached; only the UNet trains "
+                                     "(train the text encoders with LoRA instead)",
+               "text_encoder_lr": "the text encoders stay frozen; only the UNet trains",
+               "fp8_base": "it stores frozen weights in float8, and full fine-tuning updates every weight"}
+    for flag in LORA_ONLY:
+        if is_set(args, flag, defaults):
+            fail(f"--{flag} cannot be combined with --full_finetune: "
+                 f"{reasons.get(flag, 'it shapes LoRA adapters, and --full_finetune trains every UNet weight instead')}. "
+                 f"Remove --{flag}.")
+    if args.optimizer == "prodigy":
+        fail("--optimizer prodigy cannot be combined with --full_finetune: Prodigy estimates one step size from all "
+             "parameters together, and the full fine-tuning step updates one tensor at a time. Use adafactor (the "
+             "default), adamw or adamw8bit.")
+    if "optimizer" not in getattr(args, "_explicit", set()) and not args.use_8bit_adam:
+        args.optimizer = "adafactor"  # factored second moments: 0.05 GB of state for the UNet instead of AdamW's 20.5 GB
+    if args.mixed_precision == "fp16":
+        fail("--mixed_precision fp16 cannot be combined with --full_finetune: fp16 weights drop small updates and fp16 "
+             "needs a loss scaler, which cannot unscale a step fused into backward. Use bf16 (weights in bf16 with "
+             "stochastic rounding; GPUs from Ampere on) or no (fp32 weights, twice the memory).")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    why_not = (f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: the fused step frees each gradient "
+               f"as soon as it is made, so there is nothing to accumulate into" if args.gradient_accumulation_steps > 1
+               else f"torchrun ({world} processes): FSDP2 reduces the gradients between processes after backward"
+               if world > 1 else None)
+    if args.fused_backward_pass and why_not:
+        fail(f"--fused_backward_pass cannot run with {why_not}. Remove --fused_backward_pass (the step then runs after "
+             f"backward and keeps a full set of gradients: 2 bytes more per parameter), or change the other flag.")
+    if args.fused_backward_pass is None:
+        args.fused_backward_pass = why_not is None
+        if why_not:
+            print(f"note: the optimizer step runs after backward, not fused into it ({why_not}).")
+
+
 # At resume, flags that may differ from the checkpoint's run: they take effect from the resumed step
 # on (the learning rate and schedule are read every step, the loss weighting and dropouts too).
 CHANGEABLE_ON_RESUME = {
@@ -244,7 +314,7 @@ CHANGEABLE_ON_RESUME = {
     "max_train_steps", "num_train_epochs", "max_grad_norm", "snr_gamma", "noise_offset", "caption_dropout",
     "lora_dropout", "rank_dropout", "module_dropout", "gradient_checkpointing", "checkpointing_steps",
     "checkpoints_total_limit", "validation_prompt", "num_validation_images", "validation_epochs", "validation_steps",
-    "validation_inference_steps", "debug_loss",
+    "validation_inference_steps", "debug_loss", "fused_backward_pass", "stochastic_rounding",
 }
 # Flags that do not change what is computed: where files go, how it is logged, where it runs.
 NOT_PART_OF_THE_RUN = {

@@ -1,9 +1,10 @@
 """Training checkpoints: everything needed to resume bit-exactly, written atomically, pickle-free.
 
 A checkpoint is a folder `checkpoint-<step>/` holding
-    adapters.safetensors   the trainable tensors (LoRA weights), by parameter name
+    adapters.safetensors   the trained tensors by parameter name: LoRA weights (and their EMA as ema.<name>), or
+    weights.safetensors    with --full_finetune every UNet weight, in its training dtype (bf16 or fp32)
     optimizer.safetensors  the optimizer's tensors (Adam moments, step counts), by "<index>.<name>"
-    rng.safetensors        the torch RNG states (CPU, CUDA, and the training-noise generator)
+    rng.safetensors        the torch RNG states (CPU, CUDA) and the run's own generators (stochastic rounding's)
     state.json             step, epoch, data position, the optimizer's param groups, the fp16 loss scale, run arguments
 It is written under a temporary name (`.checkpoint-<step>.tmp-<pid>`), every file and the folder
 are flushed to the disk (fsync), and only then renamed into place, with the parent folder flushed
@@ -32,6 +33,7 @@ from .train_args import CHANGEABLE_ON_RESUME, NOT_PART_OF_THE_RUN, fail
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TEMPORARY_RE = re.compile(r"^\.checkpoint-\d+\.")  # a write that was killed before its rename
 MARKER = "state.json"  # written last inside the temporary folder
+TRAINED_FILES = ("adapters.safetensors", "weights.safetensors")  # LoRA's, --full_finetune's
 
 
 class CheckpointError(RuntimeError):
@@ -57,23 +59,36 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], param_groups: list[
     return {"state": state, "param_groups": param_groups}
 
 
-def rng_tensors(noise_generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+def rng_tensors(noise_generator: torch.Generator | None, generators: dict[str, torch.Generator] | None = None
+                ) -> dict[str, torch.Tensor]:
+    """The global torch RNG states, and the named generators' (as "generator.<name>")."""
     states = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             states[f"torch_cuda_{i}"] = s
     if noise_generator is not None:
         states["noise_generator"] = noise_generator.get_state()
+    for name, g in (generators or {}).items():
+        states[f"generator.{name}"] = g.get_state()
     return states
 
 
-def restore_rng(states: dict[str, torch.Tensor], noise_generator: torch.Generator | None) -> None:
+def restore_rng(states: dict[str, torch.Tensor], noise_generator: torch.Generator | None,
+                generators: dict[str, torch.Generator] | None = None) -> None:
+    """The inverse of rng_tensors. A named generator the checkpoint lacks is a CheckpointError: the run
+    would not repeat itself."""
+    missing = [name for name in (generators or {}) if f"generator.{name}" not in states]
+    if missing:
+        raise CheckpointError(f"the checkpoint holds no random state for {', '.join(missing)}; it was written by a run "
+                              f"that did not use it, and resuming from it would not repeat that run")
     torch.set_rng_state(states["torch_cpu"])
     cuda = [states[k] for k in sorted(states) if k.startswith("torch_cuda_")]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     if noise_generator is not None and "noise_generator" in states:
         noise_generator.set_state(states["noise_generator"])
+    for name, g in (generators or {}).items():
+        g.set_state(states[f"generator.{name}"])
 
 
 def fsync_path(path: Path) -> None:
@@ -89,9 +104,10 @@ def fsync_path(path: Path) -> None:
 
 def save_checkpoint(output_dir: str | Path, step: int, adapters: dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer, state: dict,
-                    noise_generator: torch.Generator | None = None, keep_last: int | None = None) -> Path:
+                    noise_generator: torch.Generator | None = None, keep_last: int | None = None,
+                    generators: dict[str, torch.Generator] | None = None, trained_file: str = TRAINED_FILES[0]) -> Path:
     """Write `output_dir/checkpoint-<step>` durably; then keep only the newest `keep_last` by step,
-    always including this one."""
+    always including this one. `adapters` are the trained tensors, written to `trained_file`."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{step}"
@@ -101,10 +117,12 @@ def save_checkpoint(output_dir: str | Path, step: int, adapters: dict[str, torch
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        write_safetensors({k: v.detach().cpu().contiguous() for k, v in adapters.items()}, tmp / "adapters.safetensors")
+        if trained_file not in TRAINED_FILES:
+            raise ValueError(f"trained_file must be one of {TRAINED_FILES}")
+        write_safetensors({k: v.detach().cpu().contiguous() for k, v in adapters.items()}, tmp / trained_file)
         opt_tensors, param_groups = optimizer_to_tensors(optimizer)
         write_safetensors(opt_tensors, tmp / "optimizer.safetensors")
-        write_safetensors(rng_tensors(noise_generator), tmp / "rng.safetensors")
+        write_safetensors(rng_tensors(noise_generator, generators), tmp / "rng.safetensors")
         (tmp / MARKER).write_text(json.dumps({**state, "step": step, "param_groups": param_groups}, indent=2))
         for f in tmp.iterdir():
             fsync_path(f)
@@ -150,13 +168,14 @@ def find_latest(output_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict, dict[str, torch.Tensor]]:
-    """(state, adapters, optimizer_state_dict, rng_states) from a checkpoint folder. Every file is read
+    """(state, trained tensors, optimizer_state_dict, rng_states) from a checkpoint folder. Every file is read
     and checked before anything is returned; a missing or damaged one raises CheckpointError naming it."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder. Pass an existing checkpoint-<step> folder, "
                               f"or 'latest'.")
-    missing = [n for n in (MARKER, "adapters.safetensors", "optimizer.safetensors", "rng.safetensors") if not (path / n).is_file()]
+    trained = next((n for n in TRAINED_FILES if (path / n).is_file()), TRAINED_FILES[0])
+    missing = [n for n in (MARKER, trained, "optimizer.safetensors", "rng.safetensors") if not (path / n).is_file()]
     if missing:
         raise CheckpointError(f"{path} is not a complete minsdxl checkpoint: missing {', '.join(missing)}. "
                               f"Pass another --resume_from_checkpoint, or 'latest'.")
@@ -167,14 +186,14 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], di
         raise CheckpointError(f"{path / MARKER} is damaged ({type(e).__name__}: {e}); this checkpoint cannot "
                               f"be resumed. Pass another --resume_from_checkpoint, or 'latest'.") from None
     tensors = {}
-    for name in ("adapters", "optimizer", "rng"):
+    for name in (trained, "optimizer.safetensors", "rng.safetensors"):
         try:
-            tensors[name] = load_file(str(path / f"{name}.safetensors"))
+            tensors[name] = load_file(str(path / name))
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path / (name + '.safetensors')} is damaged ({e}); this checkpoint cannot be "
+            raise CheckpointError(f"{path / name} is damaged ({e}); this checkpoint cannot be "
                                   f"resumed. Pass another --resume_from_checkpoint, or 'latest'.") from None
-    optimizer_sd = optimizer_from_tensors(tensors["optimizer"], param_groups)
-    return state, tensors["adapters"], optimizer_sd, tensors["rng"]
+    optimizer_sd = optimizer_from_tensors(tensors["optimizer.safetensors"], param_groups)
+    return state, tensors[trained], optimizer_sd, tensors["rng.safetensors"]
 
 
 def load_latest_intact(output_dir: str | Path):
@@ -194,7 +213,13 @@ def load_latest_intact(output_dir: str | Path):
 # What a training run writes into its output folder (besides checkpoints). The caches, which are keyed
 # by content, and the --demo model and data are inputs, not a run's results: they are kept.
 RUN_FILES = ("metrics.jsonl", "pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "summary.json",
-             "loss.png", "config.toml", "validation")
+             "loss.png", "config.toml", "validation", "unet")  # (and --full_finetune's <output_dir name>.safetensors)
+
+
+def single_file_name(output_dir: str | Path) -> str:
+    """--full_finetune's single-file model: named after the run's folder, so that it is recognisable in a
+    tool's models folder (out/my-style -> my-style.safetensors)."""
+    return f"{Path(output_dir).resolve().name}.safetensors"
 
 
 def previous_run(output_dir: str | Path) -> list[str]:
@@ -208,7 +233,7 @@ def previous_run(output_dir: str | Path) -> list[str]:
     metrics = output_dir / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size:
         found.append(f"metrics.jsonl ({sum(1 for line in metrics.open('rb') if line.strip())} steps)")
-    found += [name for name in RUN_FILES[1:4] if (output_dir / name).is_file()]
+    found += [name for name in (*RUN_FILES[1:4], single_file_name(output_dir)) if (output_dir / name).is_file()]
     return found
 
 
@@ -217,6 +242,7 @@ def clear_run(output_dir: str | Path, logging_dir: str | None = None) -> None:
     unfinished checkpoint writes, metrics, LoRA files, plots, validation images and logs."""
     output_dir = Path(output_dir)
     doomed = list_checkpoints(output_dir) + [output_dir / name for name in RUN_FILES]
+    doomed.append(output_dir / single_file_name(output_dir))
     doomed += [p for p in output_dir.iterdir() if p.is_dir() and (TEMPORARY_RE.match(p.name) or CHECKPOINT_RE.match(p.name))]
     if logging_dir:
         doomed.append(output_dir / logging_dir)
@@ -318,11 +344,17 @@ def compare_resumed_flags(args: argparse.Namespace, state: dict, path: Path, wor
 
 
 def check_adapters_fit(path: Path, adapters: dict[str, torch.Tensor], trainable: dict[str, torch.Tensor]) -> None:
-    """The checkpoint's adapters are exactly this run's trainable tensors, by name and shape."""
+    """The checkpoint's trained tensors are exactly this run's, by name, shape and dtype."""
     names = sorted(set(adapters) ^ set(trainable))
-    shapes = [f"{n}: checkpoint {tuple(adapters[n].shape)}, this run {tuple(trainable[n].shape)}"
-              for n in sorted(set(adapters) & set(trainable)) if adapters[n].shape != trainable[n].shape]
-    if names or shapes:
-        fail(f"{path} holds adapters that do not fit this run's LoRA layers ({len(names)} names differ, e.g. "
-             f"{names[:3]}; {len(shapes)} shapes differ, e.g. {shapes[:3]}). --rank, --lora_targets, --conv_rank, "
-             f"--use_dora and --train_text_encoder must be those of the run that wrote it (its config.toml has them).")
+    shapes = [f"{n}: checkpoint {tuple(adapters[n].shape)} {adapters[n].dtype}, this run {tuple(trainable[n].shape)} "
+              f"{trainable[n].dtype}" for n in sorted(set(adapters) & set(trainable))
+              if adapters[n].shape != trainable[n].shape or adapters[n].dtype != trainable[n].dtype]
+    if not names and not shapes:
+        return
+    if (path / TRAINED_FILES[1]).is_file():
+        fail(f"{path} holds UNet weights that do not fit this run's UNet ({len(names)} names differ, e.g. {names[:3]}; "
+             f"{len(shapes)} shapes or dtypes differ, e.g. {shapes[:3]}). The model and --mixed_precision must be "
+             f"those of the run that wrote it (its config.toml has them).")
+    fail(f"{path} holds adapters that do not fit this run's LoRA layers ({len(names)} names differ, e.g. "
+         f"{names[:3]}; {len(shapes)} shapes differ, e.g. {shapes[:3]}). --rank, --lora_targets, --conv_rank, "
+         f"--use_dora and --train_text_encoder must be those of the run that wrote it (its config.toml has them).")

@@ -73,8 +73,10 @@ def validation_images(unet, vae, text_encoders, tokenizers, args, device, weight
 class Validator:
     """The validation grid of a run at a given step: base | trained, one row per seed (seed, seed + 1, ...).
 
-    `text_of` gives a prompt's cached text conditioning (None: the text encoders encode it now);
-    `adapted` are the models whose LoRA scale goes to 0 for the base images."""
+    `text_of` gives a prompt's cached text conditioning (None: the text encoders encode it now). The base
+    model's images are made once: with LoRA, at the first grid, with the adapters' scale at 0 (`adapted`
+    are the models that have them); with --full_finetune, before training changes the weights (`base`); a
+    full fine-tuning run resumed from a checkpoint has no base images, and its grids show the trained model only."""
 
     def __init__(self, args: argparse.Namespace, models: Models, adapted: dict, device, weight_dtype, seed: int,
                  out: Path, meter, reporter, log, text_of=None):
@@ -93,23 +95,29 @@ class Validator:
         return validation_images(m.unet, m.vae, m.text_encoders, m.tokenizers, args, self.device, self.weight_dtype,
                                  self.seeds, stopping, self.meter, conditioning)
 
+    def base(self, stopping=lambda: False) -> None:
+        """The base model's images, with the model as it is now: LoRA adapters are turned off for them."""
+        for model in self.adapted.values():
+            lora.set_scale(model, 0.0)
+        made = self._images(stopping)
+        for model in self.adapted.values():
+            lora.set_scale(model, 1.0)
+        if not stopping():
+            self.base_images = made
+
     def __call__(self, tag: str, step: int, stopping=lambda: False) -> Path | None:
         """The grid at this step; None when a stop was asked for meanwhile (it is not waited for)."""
-        if not self.base_images:  # the base model does not change: its images are made once, with the adapters off
-            for model in self.adapted.values():
-                lora.set_scale(model, 0.0)
-            made = self._images(stopping)
-            for model in self.adapted.values():
-                lora.set_scale(model, 1.0)
+        if not self.base_images and not self.args.full_finetune:  # the base model does not change: made once
+            self.base(stopping)
             if stopping():
                 return None
-            self.base_images.extend(made)
         trained = self._images(stopping)
         if stopping():
             self.log("validation skipped: stopping")
             return None
+        what = "fine-tuned" if self.args.full_finetune else "LoRA"
         grid = compare_grid(self.base_images, trained, [f"seed {s}: {self.args.validation_prompt}" for s in self.seeds],
-                            ("base", f"LoRA, {tag}"))
+                            ("base", f"{what}, {tag}"))
         path = self.out / "validation" / f"{tag}.png"
         path.parent.mkdir(exist_ok=True)
         grid.save(path)
