@@ -55,7 +55,7 @@ import lora
 from minsdxl import devices
 from minsdxl.cache import Cache, Conditioning, model_identity
 from minsdxl.data import BucketBatchSampler, DataError, Dataset, drop_caption, seeded_generator
-from minsdxl.distributed import Distributed
+from minsdxl.distributed import Distributed, local
 from minsdxl.ema import EMA
 from minsdxl.fp8 import quantize_fp8
 from minsdxl.fused_backward import PerParameterOptimizer
@@ -71,8 +71,9 @@ from minsdxl.stopping import Interrupted, StopRequest
 from minsdxl.train_args import (TrainingError, apply_demo_defaults, build_parser, check_args, fail, parse_args,  # noqa: F401
                                 write_config)  # (build_parser: `train.build_parser()` is the script's parser)
 from minsdxl.train_state import (TRAINED_FILES, CheckpointError, check_adapters_fit, check_output_dir, find_checkpoint,
-                                 guard_previous_run, restore_rng, save_checkpoint, single_file_name)
-from minsdxl.unet import UNet
+                                 guard_previous_run, merge_rank_states, rank_state, restore_rng, save_checkpoint,
+                                 single_file_name)
+from minsdxl.unet import BasicTransformerBlock, ResnetBlock2D, UNet
 from minsdxl.validation import Validator, vae_after_caching
 
 
@@ -185,6 +186,8 @@ def train_loop(run: "Run", data: "Data", cond: Conditioning, frozen: "Frozen", u
                         if not last_micro:  # DDP: no gradient all-reduce until the last micro-batch of the step
                             for m in wrapped:
                                 sync.enter_context(m.no_sync())
+                        if ddp.sharded:  # FSDP2: the same, reduce-scatter after the last micro-batch only
+                            unet.set_requires_gradient_sync(last_micro)
                         loss, per_sample = micro_batch_loss(run, data, cond, frozen, unet_step, encoders_step,
                                                             batch_indices, p, sched)
                         if not torch.isfinite(loss):
@@ -209,7 +212,7 @@ def train_loop(run: "Run", data: "Data", cond: Conditioning, frozen: "Frozen", u
                               "it_per_s": 1.0 / (now - t_last), "peak_memory_bytes": devices.peak_memory_bytes(run.device)}
                     if args.debug_loss:
                         record["per_image_loss"], per_image = per_image, {}  # (this process's images)
-                    if ddp.world > 1:  # a check that DDP keeps the copies equal: one number per process
+                    if ddp.world > 1 and not ddp.sharded:  # a check that DDP keeps the copies equal: one number per process
                         record["adapter_checksum_per_rank"] = ddp.gather(sum(t.detach().double().sum().item() for t in trainable))
                     run.reporter.scalars(record, p.step)
                     metrics.write(record)
@@ -221,10 +224,10 @@ def train_loop(run: "Run", data: "Data", cond: Conditioning, frozen: "Frozen", u
                     epoch_ended = p.batches_done == data.batches_per_epoch
                     if epoch_ended:
                         p.epoch, p.batches_done = p.epoch + 1, 0
-                    if ddp.main and args.validation_prompt and (
+                    if (ddp.main or ddp.sharded) and args.validation_prompt and (
                             p.step % args.validation_steps == 0 if args.validation_steps
                             else epoch_ended and p.epoch % args.validation_epochs == 0):
-                        # (the other processes wait at the next all-reduce)
+                        # (the other processes wait at the next all-reduce; a sharded UNet needs them all to run)
                         validator(f"step-{p.step:06d}", p.step, lambda: stop.signum is not None)
                         t_last = time.perf_counter()  # validation time is not training speed
                     stopping = ddp.any(stop.signum is not None)  # a signal to one process stops them all
@@ -470,13 +473,14 @@ def full_weights(unet: UNet) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def make_full_optimizer(args: argparse.Namespace, trainable_named: dict, lr: float, device: torch.device,
-                        seed: int) -> PerParameterOptimizer:
+                        seed: int, rank: int = 0) -> PerParameterOptimizer:
     """6. --full_finetune's optimizer: --optimizer for each weight tensor on its own (minsdxl.fused_backward),
     bf16 updates rounded stochastically with a generator seeded from --seed, fused into backward unless the
-    gradients must be kept."""
+    gradients must be kept. Under FSDP2 each process (`rank`) rounds its own shards with a stream of its own."""
     generator = None
     if device.type != "meta":  # (the memory simulator's meta tensors draw without one)
-        generator = torch.Generator(device).manual_seed(seeded_generator("stochastic rounding", seed).initial_seed())
+        key = ("stochastic rounding", seed) + ((rank,) if rank else ())
+        generator = torch.Generator(device).manual_seed(seeded_generator(*key).initial_seed())
     optimizer = PerParameterOptimizer(trainable_named, lambda groups: make_optimizer(args, groups, device), lr,
                                       args.stochastic_rounding, generator)
     if args.fused_backward_pass:
@@ -484,10 +488,13 @@ def make_full_optimizer(args: argparse.Namespace, trainable_named: dict, lr: flo
     return optimizer
 
 
-def generators_of(optimizer) -> dict[str, torch.Generator]:
-    """The run's own random streams that checkpoints keep: stochastic rounding's, with --full_finetune."""
+def generators_of(optimizer, rank: int | None = None) -> dict[str, torch.Generator]:
+    """The run's own random streams that checkpoints keep: stochastic rounding's, with --full_finetune
+    (under FSDP2 each process rounds its own shards with its own stream: `rank` names it)."""
     gen = getattr(optimizer, "generator", None)
-    return {"stochastic_rounding": gen} if gen is not None else {}
+    if gen is None:
+        return {}
+    return {"stochastic_rounding" + (f".rank{rank}" if rank is not None else ""): gen}
 
 
 def resume(run: Run, trainable_named: dict, optimizer, groups: list[dict], ema, scaler) -> Progress:
@@ -495,22 +502,23 @@ def resume(run: Run, trainable_named: dict, optimizer, groups: list[dict], ema, 
     if run.resume is None:
         return Progress()
     ckpt, state, adapters, opt_sd, rng = run.resume
+    ddp = run.ddp
+    if run.args.full_finetune and state.get("world_size", 1) != ddp.world:
+        fail(f"{ckpt} was written by a full fine-tuning run of {state.get('world_size', 1)} process(es), whose optimizer "
+             f"state is split that way (FSDP2); resume it with {state.get('world_size', 1)} process(es), not {ddp.world}.")
     ema_state = {k[4:]: adapters.pop(k) for k in list(adapters) if k.startswith("ema.")}
-    check_adapters_fit(ckpt, adapters, trainable_named)
-    with torch.no_grad():
-        for name, value in adapters.items():
-            trainable_named[name].copy_(value)
-        if ema is not None:
-            for name in ema.shadow:
-                ema.shadow[name].copy_(ema_state.get(name, trainable_named[name]))
-    optimizer.load_state_dict(opt_sd)  # (a PerParameterOptimizer keeps this run's base_lr itself)
+    check_adapters_fit(ckpt, adapters, {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in trainable_named.items()})
+    ddp.to_shards(trainable_named, adapters)  # (the whole tensor, or under FSDP2 this process's shard of it)
+    if ema is not None:
+        ddp.to_shards(ema.shadow, {n: ema_state.get(n, adapters[n]) for n in ema.shadow}, like=trainable_named)
+    optimizer.load_state_dict(rank_state(opt_sd, ddp.rank, ddp.world) if ddp.sharded else opt_sd)  # (a PerParameterOptimizer keeps this run's base_lr itself)
     if not isinstance(optimizer, PerParameterOptimizer):
         for group, fresh in zip(optimizer.param_groups, groups):
             group["base_lr"] = fresh["base_lr"]  # this run's --learning_rate (the same unless changed)
     if scaler.is_enabled() and state.get("grad_scaler"):
         scaler.load_state_dict(state["grad_scaler"])  # fp16: the loss scale it had reached
     try:
-        restore_rng(rng, None, generators_of(optimizer))
+        restore_rng(rng, None, generators_of(optimizer, ddp.rank if ddp.sharded else None))
     except CheckpointError as e:
         fail(f"{ckpt}: {e}")
     # The data position is kept in global batches, so a run can resume on another number of processes.
@@ -525,18 +533,29 @@ def resume(run: Run, trainable_named: dict, optimizer, groups: list[dict], ema, 
 
 
 def checkpoint(run: Run, p: Progress, trainable_named: dict, optimizer, ema, scaler) -> None:
-    """A checkpoint of this step (rank 0): the trained tensors and their EMA, the optimizer, the random
-    streams, and where the run is."""
-    if not run.ddp.main:
+    """A checkpoint of this step (written by rank 0): the trained tensors and their EMA, the optimizer, the
+    random streams, and where the run is."""
+    args, ddp = run.args, run.ddp
+    tensors = trainable_named | ({f"ema.{n}": t for n, t in ema.shadow.items()} if ema else {})
+    optimizer_state, generators = optimizer, generators_of(optimizer)
+    if ddp.sharded:  # FSDP2: the whole tensors, and every process's optimizer shards and stream (all take part)
+        tensors = ddp.full(trainable_named) | {f"ema.{n}": t for n, t in ddp.full(ema.shadow, like=trainable_named).items()} \
+            if ema else ddp.full(trainable_named)
+        to_cpu = lambda sd: {"state": {i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in st.items()}
+                                       for i, st in sd["state"].items()}, "param_groups": sd["param_groups"]}
+        per_rank = ddp.gather_objects(to_cpu(optimizer.state_dict()))
+        streams = ddp.gather_objects(optimizer.generator.get_state() if optimizer.generator is not None else None)
+        if ddp.main:
+            optimizer_state = merge_rank_states(per_rank)
+            generators = {f"stochastic_rounding.rank{r}": s for r, s in enumerate(streams) if s is not None}
+    if not ddp.main:
         return
-    args = run.args
-    state = {"epoch": p.epoch, "batches_done": p.batches_done, "world_size": run.ddp.world,
+    state = {"epoch": p.epoch, "batches_done": p.batches_done, "world_size": ddp.world,
              "grad_scaler": scaler.state_dict(),
              "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
-    tensors = trainable_named | ({f"ema.{n}": t for n, t in ema.shadow.items()} if ema else {})
     with run.meter.phase("save"):
-        path = save_checkpoint(run.out, p.step, tensors, optimizer, state, keep_last=args.checkpoints_total_limit,
-                               generators=generators_of(optimizer), trained_file=TRAINED_FILES[args.full_finetune])
+        path = save_checkpoint(run.out, p.step, tensors, optimizer_state, state, keep_last=args.checkpoints_total_limit,
+                               generators=generators, trained_file=TRAINED_FILES[args.full_finetune])
     run.log(f"saved {path}")
 
 
@@ -565,18 +584,19 @@ def save_lora(run: Run, unet: UNet, frozen: Frozen, dataset: Dataset, p: Progres
     return files
 
 
-def save_full(run: Run, unet: UNet, p: Progress, stopped: bool) -> list[Path]:
+def save_full(run: Run, unet: UNet, p: Progress, stopped: bool, whole: dict | None) -> list[Path]:
     """8. --full_finetune: the UNet as a diffusers unet/ folder, and as one SDXL file in the official
-    layout with the base model's text encoders and VAE (what ComfyUI and A1111 load as a model)."""
+    layout with the base model's text encoders and VAE (what ComfyUI and A1111 load as a model). `whole`:
+    the gathered weights of a sharded UNet."""
     args, out = run.args, run.out
     metadata = {"minsdxl.base_model": str(args.pretrained_model_name_or_path), "minsdxl.steps": str(p.step),
                 "minsdxl.resolution": str(args.resolution), "minsdxl.learning_rate": str(args.learning_rate),
                 "minsdxl.partial": str(stopped).lower()}
     with run.meter.phase("save"):
-        folder = save_diffusers_unet(unet, out / "unet", metadata)
+        folder = save_diffusers_unet(unet, out / "unet", metadata, state=whole)
         single = save_single_file(unet, out / single_file_name(out), args.pretrained_model_name_or_path,
                                   args.pretrained_vae_model_name_or_path, args.variant, args.revision, args.cache_dir,
-                                  metadata)
+                                  metadata, state=whole)
     return [folder, single]
 
 
@@ -631,13 +651,21 @@ def train(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) ->
     # 5. What trains: LoRA adapters on the frozen UNet (and text encoders), or every UNet weight.
     if args.full_finetune:
         adapted, trainable_named = full_weights(unet)
+        if ddp.world > 1:  # FSDP2: weights, gradients and optimizer state split across the processes
+            ddp.shard(unet, run.device, (ResnetBlock2D, BasicTransformerBlock))
+            trainable_named = dict(unet.named_parameters())
+            log(f"FSDP2: every UNet weight, its gradient and its optimizer state split across {ddp.world} processes")
+            if args.optimizer == "adafactor":
+                log("note: under FSDP2 each process updates its own shard of every weight, and Adafactor factors the "
+                    "second moments of that shard (its rows), not of the whole weight: the updates differ from one "
+                    "process's. AdamW's are the same (each value on its own).")
     else:
         with run.meter.phase("add LoRA"):
             adapted, trainable_named = add_adapters(args, unet, frozen.text_encoders, log)
     unet.set_gradient_checkpointing(args.gradient_checkpointing)
     # 6. Optimizer, EMA, loss scaler (fp16), and the checkpoint's state when resuming.
     groups = optimizer_groups(args, trainable_named, data.lr)
-    optimizer = (make_full_optimizer(args, trainable_named, data.lr, run.device, run.seed) if args.full_finetune
+    optimizer = (make_full_optimizer(args, trainable_named, data.lr, run.device, run.seed, ddp.rank) if args.full_finetune
                  else make_optimizer(args, groups, run.device))
     ema = EMA(trainable_named, args.ema_decay, "cpu" if args.ema_on_cpu else run.device) if args.use_ema else None
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.weight_dtype == torch.float16)
@@ -645,19 +673,20 @@ def train(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) ->
     # 7. Train.
     validator = Validator(args, Models(unet, frozen.vae, frozen.text_encoders, frozen.tokenizers), adapted, run.device,
                           run.weight_dtype, run.seed, run.out, run.meter, run.reporter, log,
-                          text_of=cond.text if args.cache_text_embeddings else None)
-    if args.full_finetune and args.validation_prompt and ddp.main and progress.step == 0:
+                          text_of=cond.text if args.cache_text_embeddings else None, write=ddp.main)
+    if args.full_finetune and args.validation_prompt and (ddp.main or ddp.sharded) and progress.step == 0:
         validator.base(lambda: stop.signum is not None)  # the base model's images, before training changes it
     losses, stopped = train_loop(run, data, cond, frozen, unet, adapted, trainable_named, optimizer, ema, scaler,
                                  progress, validator)
-    if not ddp.main:  # rank 0 writes the files
-        return {"step": progress.step, "losses": losses, "stopped": stopped, "signal": stop.signum}
     # 8. Save the LoRA, or the fine-tuned model (the EMA weights with --use_ema); a stopped run saves them
-    # too, from the step it reached, marked partial.
+    # too, from the step it reached, marked partial. Rank 0 writes the files.
     if ema is not None:
         ema.copy_to(trainable_named)
+    whole = ddp.full(unet.state_dict()) if ddp.sharded else None  # (every process takes part in gathering)
+    if not ddp.main:
+        return {"step": progress.step, "losses": losses, "stopped": stopped, "signal": stop.signum}
     if args.full_finetune:
-        files = save_full(run, unet, progress, stopped)
+        files = save_full(run, unet, progress, stopped, whole)
     else:
         files = save_lora(run, unet, frozen, data.dataset, progress, stopped)
     if stopped:

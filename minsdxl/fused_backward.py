@@ -34,12 +34,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .distributed import local as _local
 from .stochastic_rounding import stochastic_round_
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This process's part of a tensor: an FSDP2 (DTensor) shard's local tensor, or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class PerParameterOptimizer:

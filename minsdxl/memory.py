@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import re
 import sys
 import tempfile
@@ -550,6 +551,9 @@ def simulate(args: argparse.Namespace, target: str | None = None, steps: int = 2
         notes.append("8-bit AdamW is modelled, not run (bitsandbytes needs CUDA): its state as bitsandbytes allocates "
                      "it (memory.AdamW8bitModel), its in-place update without temporaries")
     full = getattr(args, "full_finetune", False)
+    if full and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        notes.append("one process holding the whole UNet: under torchrun FSDP2 splits the weights, gradients and "
+                     "optimizer state across the processes, so each needs less (an upper bound)")
     with _seams(train, tracker, target, chosen), tracker, tempfile.TemporaryDirectory() as tmp:
         # 2. The frozen encoders, in CPU memory.
         with tracker.phase("load encoders", "encoders"):  # (into CPU memory: nothing on the device)

@@ -47,12 +47,15 @@ def unet_state(unet: UNet) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
 
 
-def save_diffusers_unet(unet: UNet, folder: str | Path, metadata: dict | None = None) -> Path:
-    """`folder`/config.json and diffusion_pytorch_model.safetensors, as diffusers' save_pretrained writes them."""
+def save_diffusers_unet(unet: UNet, folder: str | Path, metadata: dict | None = None,
+                        state: dict[str, torch.Tensor] | None = None) -> Path:
+    """`folder`/config.json and diffusion_pytorch_model.safetensors, as diffusers' save_pretrained writes them.
+    `state`: the UNet's tensors when the module does not hold them whole (a model sharded by FSDP2)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"_class_name": "UNet2DConditionModel", "sample_size": SDXL_SAMPLE_SIZE, **unet.config.to_diffusers_config()}
-    _write_atomically(unet_state(unet), folder / "diffusion_pytorch_model.safetensors", {"format": "pt", **(metadata or {})})
+    _write_atomically(state or unet_state(unet), folder / "diffusion_pytorch_model.safetensors",
+                      {"format": "pt", **(metadata or {})})
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
@@ -130,9 +133,9 @@ def base_parts_sgm(base: str | Path, vae_source: str | None = None, variant: str
 
 def save_single_file(unet: UNet, path: str | Path, base: str | Path, vae_source: str | None = None,
                      variant: str | None = None, revision: str | None = None, cache_dir: str | None = None,
-                     metadata: dict | None = None) -> Path:
+                     metadata: dict | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
     """The UNet (SGM names, its own dtype) with the base model's text encoders and VAE, as one SDXL file."""
-    sgm = convert.unet_diffusers_to_sgm(unet_state(unet), unet.config)
+    sgm = convert.unet_diffusers_to_sgm(state or unet_state(unet), unet.config)
     tensors = {convert.SGM_UNET_PREFIX + k: v for k, v in sgm.items()}
     parts, configs = base_parts_sgm(base, vae_source, variant, revision, cache_dir)
     tensors.update(parts)

@@ -40,9 +40,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from; the message names the folder and the problem."""
 
 
-def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Split `optimizer.state_dict()` into flat tensors and JSON-able param groups."""
-    sd = optimizer.state_dict()
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer | dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Split `optimizer.state_dict()` (or a state dict) into flat tensors and JSON-able param groups."""
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors = {}
     for index, state in sd["state"].items():
         for name, value in state.items():
@@ -68,8 +68,8 @@ def rng_tensors(noise_generator: torch.Generator | None, generators: dict[str, t
             states[f"torch_cuda_{i}"] = s
     if noise_generator is not None:
         states["noise_generator"] = noise_generator.get_state()
-    for name, g in (generators or {}).items():
-        states[f"generator.{name}"] = g.get_state()
+    for name, g in (generators or {}).items():  # (a generator, or its state already taken)
+        states[f"generator.{name}"] = g if torch.is_tensor(g) else g.get_state()
     return states
 
 
@@ -89,6 +89,23 @@ def restore_rng(states: dict[str, torch.Tensor], noise_generator: torch.Generato
         noise_generator.set_state(states["noise_generator"])
     for name, g in (generators or {}).items():
         g.set_state(states[f"generator.{name}"])
+
+
+def merge_rank_states(per_rank: list[dict]) -> dict:
+    """One optimizer state dict from every process's (FSDP2: each holds the state of its own shards): tensor i
+    of rank r becomes index r * n + i. `rank_state` takes it apart again; it needs the same number of processes."""
+    n = len(per_rank[0]["param_groups"])
+    state = {r * n + i: v for r, sd in enumerate(per_rank) for i, v in sd["state"].items()}
+    groups = [{**g, "params": [r * n + i]} for r, sd in enumerate(per_rank) for i, g in enumerate(sd["param_groups"])]
+    return {"state": state, "param_groups": groups}
+
+
+def rank_state(sd: dict, rank: int, world: int) -> dict:
+    """Process `rank`'s part of a merge_rank_states state dict, indexed from 0 again."""
+    n = len(sd["param_groups"]) // world
+    state = {i - rank * n: v for i, v in sd["state"].items() if rank * n <= i < (rank + 1) * n}
+    groups = [{**g, "params": [i]} for i, g in enumerate(sd["param_groups"][rank * n:(rank + 1) * n])]
+    return {"state": state, "param_groups": groups}
 
 
 def fsync_path(path: Path) -> None:

@@ -76,13 +76,15 @@ class Validator:
     `text_of` gives a prompt's cached text conditioning (None: the text encoders encode it now). The base
     model's images are made once: with LoRA, at the first grid, with the adapters' scale at 0 (`adapted`
     are the models that have them); with --full_finetune, before training changes the weights (`base`); a
-    full fine-tuning run resumed from a checkpoint has no base images, and its grids show the trained model only."""
+    full fine-tuning run resumed from a checkpoint has no base images, and its grids show the trained model only.
+    `write`: whether this process writes the grids (rank 0); a UNet sharded by FSDP2 needs every process to
+    run the denoising, so they all make the images."""
 
     def __init__(self, args: argparse.Namespace, models: Models, adapted: dict, device, weight_dtype, seed: int,
-                 out: Path, meter, reporter, log, text_of=None):
+                 out: Path, meter, reporter, log, text_of=None, write: bool = True):
         self.args, self.models, self.adapted = args, models, adapted
         self.device, self.weight_dtype, self.out, self.meter, self.reporter, self.log = device, weight_dtype, out, meter, reporter, log
-        self.text_of = text_of
+        self.text_of, self.write = text_of, write  # (write: this process writes the grid; under FSDP2 all make it)
         self.seeds = [seed + i for i in range(args.num_validation_images)]
         self.base_images: list = []
         self.made: dict[int, Path | None] = {}  # step -> its grid (None: skipped by a stop)
@@ -114,6 +116,8 @@ class Validator:
         trained = self._images(stopping)
         if stopping():
             self.log("validation skipped: stopping")
+            return None
+        if not self.write:
             return None
         what = "fine-tuned" if self.args.full_finetune else "LoRA"
         grid = compare_grid(self.base_images, trained, [f"seed {s}: {self.args.validation_prompt}" for s in self.seeds],
