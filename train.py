@@ -66,7 +66,7 @@ from minsdxl.memory import plan_memory
 from minsdxl.model_files import save_diffusers_unet, save_single_file
 from minsdxl.optim import lr_factor, make_optimizer
 from minsdxl.reporting import MetricsLog, Reporter, read_metrics, save_loss_plot
-from minsdxl.schedule import NoiseSchedule
+from minsdxl.schedule import NoiseSchedule, timestep_weights
 from minsdxl.stopping import Interrupted, StopRequest
 from minsdxl.train_args import (TrainingError, apply_demo_defaults, build_parser, check_args, fail, parse_args,  # noqa: F401
                                 write_config)  # (build_parser: `train.build_parser()` is the script's parser)
@@ -151,7 +151,10 @@ def micro_batch_loss(run: "Run", data: "Data", cond: Conditioning, frozen: "Froz
     time_ids = torch.tensor([data.dataset.augmentation(cond.aug_epoch(p.epoch), i).time_ids() for i in batch_indices])  # (B, 6)
     # Noise and timesteps, drawn on the CPU, so runs repeat on any device.
     noise = training_noise(x0.shape, args.noise_offset, gen)
-    t = torch.randint(0, sched.num_train_timesteps, (x0.shape[0],), generator=gen)  # (B,)
+    if data.timestep_weights is None:
+        t = torch.randint(0, sched.num_train_timesteps, (x0.shape[0],), generator=gen)  # (B,) uniform
+    else:  # --timestep_bias_strategy: some timesteps drawn more often
+        t = torch.multinomial(data.timestep_weights, x0.shape[0], replacement=True, generator=gen)  # (B,)
     return batch_loss(unet_step, sched, x0, noise, t, context, pooled, time_ids, run.device, run.weight_dtype,
                       args.prediction_type or "epsilon", args.snr_gamma)
 
@@ -332,6 +335,7 @@ class Data:
     batches_per_epoch: int  # of this process
     total_steps: int  # optimizer steps of the whole run
     lr: float  # the learning rate, after --scale_lr
+    timestep_weights: torch.Tensor | None  # (1000,) with --timestep_bias_strategy; None: uniform
 
 
 def load_data(run: Run) -> Data:
@@ -354,7 +358,9 @@ def load_data(run: Run) -> Data:
     lr = args.learning_rate * (global_batch if args.scale_lr else 1)
     run.log(f"global batch {global_batch} = {args.train_batch_size} per device x {ddp.world} processes x "
             f"{args.gradient_accumulation_steps} accumulation steps; {total_steps} optimizer steps")
-    return Data(dataset, sampler, batches_per_epoch, total_steps, lr)
+    bias = timestep_weights(args.timestep_bias_strategy, args.timestep_bias_multiplier, args.timestep_bias_portion,
+                            args.timestep_bias_begin, args.timestep_bias_end)
+    return Data(dataset, sampler, batches_per_epoch, total_steps, lr, bias)
 
 
 @dataclass

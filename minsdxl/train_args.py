@@ -17,6 +17,7 @@ from pathlib import Path
 from .cli import HelpFormatter
 from .data import make_demo_dataset
 from .lora_files import LORA_TARGET_PRESETS
+from .schedule import TIMESTEP_BIAS, timestep_weights
 from .tiny import write_tiny_pipeline
 
 DESCRIPTION = "LoRA training of SDXL that fits a 12 GB GPU, resumable, with a CPU demo."
@@ -116,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: bf16 on GPUs that have it, fp16 on others, no on the CPU")
     a("--allow_tf32", action="store_true")
     a("--prediction_type", choices=["epsilon", "v_prediction"], help="default: the model's scheduler config (epsilon for SDXL base)")
+    a("--timestep_bias_strategy", choices=list(TIMESTEP_BIAS), default="none",
+      help="draw the training timesteps more often from the earlier (detail) or later (composition) ones, or a range")
+    a("--timestep_bias_multiplier", type=float, default=1.0, help="how much more often the biased timesteps are drawn")
+    a("--timestep_bias_portion", type=float, default=0.25, help="earlier/later: the fraction of the timesteps biased")
+    a("--timestep_bias_begin", type=int, default=0, help="range: the first biased timestep")
+    a("--timestep_bias_end", type=int, default=1000, help="range: the end of the biased timesteps (not included)")
     a("--snr_gamma", type=float, help="Min-SNR loss weighting (Hang et al. 2023); 5.0 is the usual value")
     a("--noise_offset", type=float, default=0.0)
     a("--debug_loss", action="store_true", help="also record each image's loss (by dataset index) in metrics.jsonl")
@@ -247,6 +254,11 @@ def check_args(args: argparse.Namespace) -> None:
         print("note: --train_text_encoder: the text conditioning changes as the text encoders train, so it is "
               "computed every step instead of cached (--cache_text_embeddings is off).")
         args.cache_text_embeddings = False
+    try:
+        timestep_weights(args.timestep_bias_strategy, args.timestep_bias_multiplier, args.timestep_bias_portion,
+                         args.timestep_bias_begin, args.timestep_bias_end)
+    except ValueError as e:
+        fail(str(e))
     if args.validation_steps is not None and args.validation_steps < 1:
         fail("--validation_steps must be at least 1.")
     if args.overwrite_output_dir and args.resume_from_checkpoint:
