@@ -259,7 +259,7 @@ class Run:
     stop: StopRequest
     out: Path
     device: torch.device
-    weight_dtype: torch.dtype  # of the frozen weights and of autocast
+    weight_dtype: torch.dtype  # of the UNet's weights (frozen, or trained with --full_finetune) and of autocast
     meter: devices.PhaseMeter
     plan: object  # the memory simulator's prediction (minsdxl.memory.Plan), or None
     resume: tuple | None  # the checkpoint to resume from, read and checked (train_state.find_checkpoint)
@@ -415,8 +415,9 @@ def fill_caches(run: Run, dataset: Dataset, frozen: Frozen) -> Conditioning:
 
 
 def load_frozen_unet(run: Run, frozen: Frozen) -> UNet:
-    """4. The UNet, frozen in weight_dtype, straight onto the device; with it whatever a step runs that is
-    not cached (the VAE without cached latents, the text encoders without cached text)."""
+    """4. The UNet, frozen in weight_dtype (--full_finetune unfreezes it in phase 5), straight onto the device;
+    with it whatever a step runs that is not cached (the VAE without cached latents, the text encoders
+    without cached text)."""
     args, device = run.args, run.device
     try:
         with run.meter.phase("load UNet"):
@@ -471,10 +472,18 @@ def optimizer_groups(args: argparse.Namespace, trainable_named: dict, lr: float)
     return groups
 
 
-def full_weights(unet: UNet) -> tuple[dict, dict[str, torch.Tensor]]:
+def full_weights(unet: UNet, run: Run | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """5. --full_finetune: every UNet weight trains, in the dtype it was loaded in (the text encoders stay
-    frozen, their outputs cached). Returns the same as add_adapters."""
+    frozen, their outputs cached); under torchrun FSDP2 splits the weights across the processes
+    (minsdxl.distributed). Returns the same as add_adapters."""
     unet.requires_grad_(True)
+    if run is not None and run.ddp.world > 1:
+        run.ddp.shard(unet, run.device, (ResnetBlock2D, BasicTransformerBlock))
+        run.log(f"FSDP2: every UNet weight, its gradient and its optimizer state split across {run.ddp.world} processes")
+        if run.args.optimizer == "adafactor":
+            run.log("note: under FSDP2 each process updates its own shard of every weight, and Adafactor factors the "
+                    "second moments of that shard (its rows), not of the whole weight: the updates differ from one "
+                    "process's. AdamW's are the same (each value on its own).")
     return {"unet": unet}, dict(unet.named_parameters())
 
 
@@ -652,19 +661,11 @@ def train(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) ->
     frozen = load_encoders(run)
     # 3. Caches: every latent and caption encoded once, with only its encoder on the device.
     cond = fill_caches(run, data.dataset, frozen)
-    # 4. The UNet, frozen in weight_dtype, straight onto the device.
+    # 4. The UNet in weight_dtype, straight onto the device.
     unet = load_frozen_unet(run, frozen)
     # 5. What trains: LoRA adapters on the frozen UNet (and text encoders), or every UNet weight.
     if args.full_finetune:
-        adapted, trainable_named = full_weights(unet)
-        if ddp.world > 1:  # FSDP2: weights, gradients and optimizer state split across the processes
-            ddp.shard(unet, run.device, (ResnetBlock2D, BasicTransformerBlock))
-            trainable_named = dict(unet.named_parameters())
-            log(f"FSDP2: every UNet weight, its gradient and its optimizer state split across {ddp.world} processes")
-            if args.optimizer == "adafactor":
-                log("note: under FSDP2 each process updates its own shard of every weight, and Adafactor factors the "
-                    "second moments of that shard (its rows), not of the whole weight: the updates differ from one "
-                    "process's. AdamW's are the same (each value on its own).")
+        adapted, trainable_named = full_weights(unet, run)
     else:
         with run.meter.phase("add LoRA"):
             adapted, trainable_named = add_adapters(args, unet, frozen.text_encoders, log)
