@@ -41,3 +41,12 @@ def train() -> None:
 def sample() -> None:
     """`minsdxl-sample ...` = `python sample.py ...`"""
     runpy.run_module("minsdxl_scripts.sample", run_name="__main__", alter_sys=True)
+
+
+def optional_import(module: str, what: str, install: str):
+    """Import an optional dependency, or stop with a one-line install hint."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise SystemExit(f"train.py: error: {what} needs the '{module}' package, which is not installed: {install}") from None

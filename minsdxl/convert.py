@@ -245,3 +245,58 @@ def infer_clip_text_config(sd: dict, with_projection: bool) -> dict:
         "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
     }
     return cfg
+
+
+# --- the way back: the text encoders and VAE in the single file's names (written by minsdxl.model_files) --
+
+def transformers_to_open_clip(sd: dict) -> dict:
+    """Text encoder 2 from transformers names back to OpenCLIP's (the inverse of convert.open_clip_to_transformers)."""
+    out = {}
+    # transformers 5 saves CLIP's weights without the `text_model.` prefix that OpenCLIP's names are mapped from
+    sd = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in sd.items()}
+    for k, v in sd.items():
+        if k == "text_projection.weight":
+            out["text_projection"] = v.T.contiguous()
+            continue
+        rev = {b: a for a, b in OPENCLIP_TOP.items()}
+        if k in rev:
+            out[rev[k]] = v
+            continue
+        if k.endswith("position_ids"):
+            continue
+        layer, rest = k.split(".layers.")[1].split(".", 1)
+        base = f"transformer.resblocks.{layer}"
+        if rest.startswith("self_attn.q_proj."):
+            kind = rest.rsplit(".", 1)[1]
+            parts = [sd[f"text_model.encoder.layers.{layer}.self_attn.{n}_proj.{kind}"] for n in "qkv"]
+            out[f"{base}.attn.in_proj_{kind}"] = torch.cat(parts)
+        elif rest.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
+            continue
+        else:
+            for a, b in OPENCLIP_LAYER:
+                if rest.startswith(b + "."):
+                    rest = a + rest[len(b):]
+            out[f"{base}.{rest}"] = v
+    return out
+
+
+def diffusers_vae_to_ldm(sd: dict, levels: int) -> dict:
+    """The VAE from diffusers names back to the LDM names of the single file (inverse of diffusers' converter)."""
+    out = {}
+    for k, v in sd.items():
+        n = k
+        for i in range(levels):
+            n = n.replace(f"encoder.down_blocks.{i}.resnets.", f"encoder.down.{i}.block.")
+            n = n.replace(f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.")
+            n = n.replace(f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{levels - 1 - i}.block.")
+            n = n.replace(f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{levels - 1 - i}.upsample.")
+        n = n.replace("mid_block.resnets.0", "mid.block_1").replace("mid_block.resnets.1", "mid.block_2")
+        n = n.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+        if "mid_block.attentions.0." in n:
+            n = n.replace("mid_block.attentions.0.", "mid.attn_1.")
+            for a, b in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
+                n = n.replace(f".{a}.", f".{b}.")
+            if v.dim() == 2:
+                v = v[:, :, None, None]  # LDM's attention projections are 1x1 convs
+        out[n] = v
+    return out

@@ -119,16 +119,17 @@ def generate(models: Models, prompts: list[str], negative_prompts: list[str] | N
 
 def compare_grid(base: list[Image.Image], with_lora: list[Image.Image], row_titles: list[str],
                  column_titles: tuple[str, str]) -> Image.Image:
-    """One row per (prompt, seed): base | LoRA, with a title over each column and a caption per row."""
-    w, h = base[0].size
+    """One row per (prompt, seed): base | LoRA, with a title over each column and a caption per row.
+    With no base images (`base` empty), one column: the second."""
+    columns = [(t, images) for t, images in zip(column_titles, (base, with_lora)) if images]
+    w, h = with_lora[0].size
     title_h, caption_h = 20, 16
-    grid = Image.new("RGB", (2 * w, title_h + len(base) * (h + caption_h)), "white")
+    grid = Image.new("RGB", (len(columns) * w, title_h + len(with_lora) * (h + caption_h)), "white")
     draw = ImageDraw.Draw(grid)
-    for c, title in enumerate(column_titles):
+    for c, (title, images) in enumerate(columns):
         draw.text((c * w + 4, 4), title, fill="black")
-    for r, (left, right, caption) in enumerate(zip(base, with_lora, row_titles)):
-        y = title_h + r * (h + caption_h)
-        draw.text((4, y + 2), caption[: 2 * w // 6], fill="black")  # about 6 pixels per character
-        grid.paste(left, (0, y + caption_h))
-        grid.paste(right, (w, y + caption_h))
+        for r, image in enumerate(images):
+            grid.paste(image, (c * w, title_h + r * (h + caption_h) + caption_h))
+    for r, caption in enumerate(row_titles):
+        draw.text((4, title_h + r * (h + caption_h) + 2), caption[: len(columns) * w // 6], fill="black")  # ~6 px a character
     return grid

@@ -10,8 +10,8 @@ seconds for the full model) under a tracker that sees every tensor storage the p
 and frees (`Tracker`, a TorchDispatchMode), phase by phase, in the order train.py runs them:
 
     load encoders   the text encoders and the VAE, into CPU memory (nothing on the device)
-    cache latents   the VAE alone on the device, encoding one image at --resolution (train.encode_image)
-    cache text      the text encoders alone on the device, encoding one caption (train.encode_captions)
+    cache latents   the VAE alone on the device, encoding one image at --resolution (minsdxl.cache.encode_image)
+    cache text      the text encoders alone on the device, encoding one caption (minsdxl.cache.encode_captions)
     load UNet       the frozen UNet in its dtype (--fp8_base: float8 weights), plus the encoders a step needs
     add LoRA        the adapters, fp32 (train.add_adapters)
     train step      two optimizer steps of train.batch_loss + backward (with our checkpointing and its
@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import re
 import sys
 import tempfile
@@ -52,6 +53,15 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
+
+from . import devices
+from .cache import encode_captions, encode_image
+from .ema import EMA
+from .loading import encode_text
+from .lora_files import save_sdxl_lora
+from .train_args import LORA_ONLY, apply_demo_defaults, build_parser, check_full_finetune, fail
+from .train_args import parse_args as parse_args_of_train
+from .validation import guidance_conditioning, validation_images, vae_after_caching
 
 aten = torch.ops.aten
 GiB = 2**30
@@ -146,6 +156,15 @@ class Tracker(TorchDispatchMode):
             yield
         finally:
             self.device_type = before
+
+    def as_host(self, tensors) -> None:
+        """Count these tensors (made on meta) as host memory from now on: a copy a real run keeps on the CPU."""
+        for t in tensors:
+            record = self.records.get(t.untyped_storage())
+            if record is not None and record[2]:
+                record[2] = False
+                self.live -= record[0]
+                self.live_by_kind[record[1]] -= record[0]
 
     def register(self, module: torch.nn.Module, host: bool = False) -> None:
         """Count `module`'s parameters and buffers, made while paused, from now on (as host memory: not at all)."""
@@ -340,6 +359,35 @@ def cuda_overheads(hopper: bool = False) -> list[tuple[str, int, str]]:
     ]
 
 
+class AdamW8bitModel(torch.optim.Optimizer):
+    """bitsandbytes' AdamW8bit as far as device memory goes, for the simulation: bitsandbytes runs on CUDA
+    only, so it cannot run on meta. Its state is what `Optimizer2State.init_state` (bitsandbytes 0.4x)
+    allocates: for a tensor of at least `min_8bit_size` = 4096 values, two uint8 moments and, for each,
+    one fp32 absmax per block of 256 values (blockwise quantisation: 2.03 bytes per parameter); for a
+    smaller tensor, two fp32 moments. The update is in place, inside one CUDA kernel: no temporaries."""
+
+    MIN_8BIT_SIZE, BLOCK = 4096, 256
+
+    def __init__(self, params, lr: float = 1e-3, **kwargs):
+        super().__init__(params, {"lr": lr, **kwargs})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    eight_bit = p.numel() >= self.MIN_8BIT_SIZE
+                    for i in (1, 2):
+                        state[f"state{i}"] = torch.zeros_like(p, dtype=torch.uint8 if eight_bit else torch.float32)
+                        if eight_bit:
+                            state[f"absmax{i}"] = torch.zeros(-(-p.numel() // self.BLOCK), device=p.device)
+                state["step"] += 1
+
+
 # --- the simulation ------------------------------------------------------------------------------------
 
 def _train_module():
@@ -441,7 +489,15 @@ def _unet(args, weight_dtype, local: bool):
 def _seams(train, tracker: Tracker, target: str, chosen: dict):
     """What the simulation changes in the program it runs: autocast and SDPA as on `target`, and the
     staging of models as host/device bookkeeping instead of copies."""
-    saved = (train.autocast, train.staged, F.scaled_dot_product_attention)
+    saved = (devices.autocast, devices.staged, F.scaled_dot_product_attention)
+    real_make_optimizer = train.make_optimizer
+
+    def make_optimizer(args, groups, device, check_only=False):
+        if args.optimizer != "adamw8bit":
+            return real_make_optimizer(args, groups, device, check_only)
+        for g in groups:
+            g["base_lr"] = g["lr"]
+        return AdamW8bitModel(groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay)
 
     def autocast(device, dtype):
         if dtype == torch.float32:
@@ -468,13 +524,13 @@ def _seams(train, tracker: Tracker, target: str, chosen: dict):
         return torch_checkpoint(fn, *args, context_fn=contexts, **kwargs)
     from . import unet as unet_module
     torch_checkpoint = unet_module.checkpoint
-    train.autocast, train.staged, F.scaled_dot_product_attention = autocast, staged, attention_model(target, saved[2], chosen)
-    unet_module.checkpoint = checkpoint
+    devices.autocast, devices.staged, F.scaled_dot_product_attention = autocast, staged, attention_model(target, saved[2], chosen)
+    unet_module.checkpoint, train.make_optimizer = checkpoint, make_optimizer
     try:
         yield
     finally:
-        train.autocast, train.staged, F.scaled_dot_product_attention = saved
-        unet_module.checkpoint = torch_checkpoint
+        devices.autocast, devices.staged, F.scaled_dot_product_attention = saved
+        unet_module.checkpoint, train.make_optimizer = torch_checkpoint, real_make_optimizer
 
 
 def simulate(args: argparse.Namespace, target: str | None = None, steps: int = 2) -> Plan:
@@ -489,12 +545,17 @@ def simulate(args: argparse.Namespace, target: str | None = None, steps: int = 2
     if args.mixed_precision is None:
         args.mixed_precision = "bf16" if target == "cuda" else "no"
     weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-    if args.optimizer == "adamw8bit":
-        raise SimulationError("--optimizer adamw8bit (bitsandbytes) cannot run on meta; adafactor or adamw can be simulated")
     tracker = Tracker("meta", block=CUDA_BLOCK if target == "cuda" else 1, cpu_conv_scratch=target == "cpu")
     chosen: dict[str, int] = {}
     device = torch.device("meta")
     notes = []
+    if args.optimizer == "adamw8bit":
+        notes.append("8-bit AdamW is modelled, not run (bitsandbytes needs CUDA): its state as bitsandbytes allocates "
+                     "it (memory.AdamW8bitModel), its in-place update without temporaries")
+    full = getattr(args, "full_finetune", False)
+    if full and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        notes.append("one process holding the whole UNet: under torchrun FSDP2 splits the weights, gradients and "
+                     "optimizer state across the processes, so each needs less (an upper bound)")
     with _seams(train, tracker, target, chosen), tracker, tempfile.TemporaryDirectory() as tmp:
         # 2. The frozen encoders, in CPU memory.
         with tracker.phase("load encoders", "encoders"):  # (into CPU memory: nothing on the device)
@@ -508,13 +569,13 @@ def simulate(args: argparse.Namespace, target: str | None = None, steps: int = 2
         side = args.resolution
         # 3. Caches, each encoder alone on the device.
         if args.cache_latents:
-            with tracker.phase("cache latents", "activations"), train.staged(device, vae):
-                train.encode_image(vae, torch.zeros(3, side, side))
+            with tracker.phase("cache latents", "activations"), devices.staged(device, vae):
+                encode_image(vae, torch.zeros(3, side, side))
         prompt = None
         if args.cache_text_embeddings:
-            with tracker.phase("cache text", "activations"), train.staged(device, *tes):
-                prompt = train.encode_captions(tes, tokenizers, ["a photo of a cat"])  # (CPU copies: zeros)
-        vae = train.vae_after_caching(vae, args, weight_dtype)
+            with tracker.phase("cache text", "activations"), devices.staged(device, *tes):
+                prompt = encode_captions(tes, tokenizers, ["a photo of a cat"])  # (CPU copies: zeros)
+        vae = vae_after_caching(vae, args, weight_dtype)
         tracker.on_host(vae)  # (its converted weights too)
         # 4. The UNet; the encoders a step runs.
         with tracker.phase("load UNet", "weights"):
@@ -533,34 +594,45 @@ def simulate(args: argparse.Namespace, target: str | None = None, steps: int = 2
                 for te in tes:
                     te.to(weight_dtype if args.train_text_encoder else torch.float32)
                     tracker.on_host(te, False)
-        # 5. LoRA
-        with tracker.phase("add LoRA", "LoRA adapters"):
-            adapted, trainable_named = train.add_adapters(args, unet, tes, lambda *a, **k: None)
+        # 5. LoRA, or every UNet weight
+        if full:
+            adapted, trainable_named = train.full_weights(unet)
+        else:
+            with tracker.phase("add LoRA", "LoRA adapters"):
+                adapted, trainable_named = train.add_adapters(args, unet, tes, lambda *a, **k: None)
         trainable = list(trainable_named.values())
         unet.set_gradient_checkpointing(args.gradient_checkpointing)
-        # 6., 7. Optimizer and training steps
-        _train_steps(train, args, tracker, unet, tes, tokenizers, vae, adapted, trainable_named, trainable,
-                     weight_dtype, device, steps)
+        # 6., 7. Optimizer and training steps (train.py keeps the optimizer and EMA to the end: validation and
+        # saving happen beside them)
+        kept = _train_steps(train, args, tracker, unet, tes, tokenizers, vae, adapted, trainable_named, trainable,
+                            weight_dtype, device, steps)
         # Validation
         if args.validation_prompt:
             v_args = copy.copy(args)
             v_args.validation_inference_steps = 1  # every denoising step needs the same memory
             meter = _TrackerMeter(tracker)
-            conditioning = train.guidance_conditioning(prompt[0][0], prompt[1][0], device, weight_dtype) if prompt else None
-            train.validation_images(unet, vae, tes, tokenizers, v_args, device, weight_dtype, [0], meter=meter,
+            conditioning = guidance_conditioning(prompt[0][0], prompt[1][0], device, weight_dtype) if prompt else None
+            validation_images(unet, vae, tes, tokenizers, v_args, device, weight_dtype, [0], meter=meter,
                                     conditioning=conditioning)
         # 8. Save
         with tracker.phase("save", "saving"):
-            out = Path(tmp)
-            train.save_sdxl_lora(unet, out / "a.safetensors", format="kohya",
-                                 text_encoders=tes if args.train_text_encoder else None)
+            if full:  # unet/ and the single file: each weight copied to the CPU (minsdxl.model_files.unet_state)
+                for t in unet.state_dict().values():
+                    t.detach().cpu()
+            else:
+                save_sdxl_lora(unet, Path(tmp) / "a.safetensors", format="kohya",
+                               text_encoders=tes if args.train_text_encoder else None)
+        del kept  # (the optimizer and the EMA lived through validation and saving, as in train.py)
     if "math" in chosen and target == "cuda":
         notes.append("some attention runs SDPA's math kernel, which stores the (B, heads, L, S) scores")
     dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[weight_dtype]
+    trained = (f"full fine-tuning{', step fused into backward' if args.fused_backward_pass else ''}" if full
+               else f"rank {args.rank} on {args.lora_targets}")
     title = (f"{'demo (tiny)' if args.demo else Path(str(args.pretrained_model_name_or_path or 'SDXL base')).name}, "
-             f"{target}, {args.resolution}x{args.resolution}, batch {args.train_batch_size}, rank {args.rank} on "
-             f"{args.lora_targets}, {dtype_name}{' + fp8 base' if getattr(args, 'fp8_base', False) else ''}, "
+             f"{target}, {args.resolution}x{args.resolution}, batch {args.train_batch_size}, {trained}, "
+             f"{dtype_name}{' + fp8 base' if getattr(args, 'fp8_base', False) else ''}, "
              f"{args.optimizer}, checkpointing {'on' if args.gradient_checkpointing else 'off'}"
+             f"{(', EMA' + (' on the CPU' if args.ema_on_cpu else '')) if args.use_ema else ''}"
              f"{', text encoders trained' if args.train_text_encoder else ''}")
     extras = cuda_overheads(hopper=False) if target == "cuda" else []
     assumed = getattr(args, "_assumed", {})
@@ -571,7 +643,7 @@ def simulate(args: argparse.Namespace, target: str | None = None, steps: int = 2
 
 
 class _TrackerMeter:
-    """train.PhaseMeter's interface over the tracker: validation_images marks its phases with it."""
+    """devices.PhaseMeter's interface over the tracker: validation_images marks its phases with it."""
 
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
@@ -581,22 +653,33 @@ class _TrackerMeter:
 
 
 def _train_steps(train, args, tracker, unet, tes, tokenizers, vae, adapted, trainable_named, trainable,
-                 weight_dtype, device, steps: int) -> None:
-    """`steps` optimizer steps of train.py's loop (each with up to two micro-batches when accumulating)."""
+                 weight_dtype, device, steps: int) -> tuple:
+    """`steps` optimizer steps of train.py's loop (each with up to two micro-batches when accumulating);
+    returns the optimizer and the EMA, which live on in train.py."""
     from .schedule import NoiseSchedule
-    lr = args.learning_rate
-    groups = [{"params": [p for n, p in trainable_named.items() if not n.startswith(("te1.", "te2."))], "lr": lr}]
-    if args.train_text_encoder:
-        groups.append({"params": [p for n, p in trainable_named.items() if n.startswith(("te1.", "te2."))], "lr": lr})
+    groups = train.optimizer_groups(args, trainable_named, args.learning_rate)
     sched = NoiseSchedule()
     B, side = args.train_batch_size, args.resolution // 8
     micro = min(args.gradient_accumulation_steps, 2)
     with tracker.phase("train step", "optimizer state"):
-        optimizer = train.make_optimizer(args, groups, device)
+        if getattr(args, "full_finetune", False):
+            optimizer = train.make_full_optimizer(args, trainable_named, args.learning_rate, device, seed=0)
+            if optimizer.fused:  # the updates run inside backward: label their state and temporaries as the optimizer's
+                for hook in optimizer.hooks:
+                    hook.remove()
+                update = optimizer.update
+                optimizer.hooks = [p.register_post_accumulate_grad_hook(
+                    lambda p: _labelled_call(tracker, "optimizer state", update, p)) for p in optimizer.params]
+        else:
+            optimizer = train.make_optimizer(args, groups, device)
         if args.optimizer == "adamw" and args.device != "cpu" and (args.device or "cuda").startswith("cuda"):
             for g in optimizer.param_groups:  # on CUDA torch's AdamW defaults to its foreach kernels (meta: the loop)
                 g["foreach"] = True
-        ema = train.EMA(trainable_named, args.ema_decay, "cpu" if args.ema_on_cpu else device) if args.use_ema else None
+        if args.use_ema and args.ema_on_cpu and device.type == "meta":
+            ema = EMA(trainable_named, args.ema_decay, device)  # (in CPU memory: counted as host memory)
+            tracker.as_host(ema.shadow.values())
+        else:
+            ema = EMA(trainable_named, args.ema_decay, "cpu" if args.ema_on_cpu else device) if args.use_ema else None
         scaler = torch.amp.GradScaler("cuda", enabled=False)  # fp16's loss scaling works in place
         for m in adapted.values():
             m.train()
@@ -605,12 +688,12 @@ def _train_steps(train, args, tracker, unet, tes, tokenizers, vae, adapted, trai
                 with tracker.labelled("activations"):
                     x0 = torch.zeros(B, 4, side, side)
                     if args.train_text_encoder or not args.cache_text_embeddings:
-                        with train.autocast(device, weight_dtype):
-                            context, pooled = train.encode_text(tes, tokenizers, ["a photo of a cat"] * B)
+                        with devices.autocast(device, weight_dtype):
+                            context, pooled = encode_text(tes, tokenizers, ["a photo of a cat"] * B)
                     else:
                         context, pooled = torch.zeros(B, 77, unet.config.cross_attention_dim), torch.zeros(B, unet.config.pooled_text_dim)
                     if not args.cache_latents:
-                        x0 = torch.stack([train.encode_image(vae, torch.zeros(3, args.resolution, args.resolution)) for _ in range(B)])
+                        x0 = torch.stack([encode_image(vae, torch.zeros(3, args.resolution, args.resolution)) for _ in range(B)])
                     time_ids = torch.zeros(B, 6)
                     noise, t = torch.zeros(x0.shape), torch.full((B,), 500)
                     loss, _ = train.batch_loss(unet, sched, x0, noise, t, context, pooled, time_ids, device, weight_dtype,
@@ -620,13 +703,19 @@ def _train_steps(train, args, tracker, unet, tes, tokenizers, vae, adapted, trai
                 del loss
             with tracker.labelled("optimizer state"):
                 train.optimizer_step(optimizer, scaler, trainable, args.max_grad_norm, ema, trainable_named)
-    del optimizer, ema
+    return optimizer, ema
+
+
+def _labelled_call(tracker, kind: str, fn, *args):
+    with tracker.labelled(kind):
+        return fn(*args)
 
 
 class _NoTracker:
     """Tracker's marks as no-ops: for running _train_steps on real tensors."""
 
     phase = labelled = staticmethod(lambda *a, **k: contextlib.nullcontext())
+    as_host = staticmethod(lambda tensors: None)
 
 
 def profiler_peak(fn) -> int:
@@ -673,7 +762,10 @@ def check_step_on_cpu(args: argparse.Namespace, random_weights: bool = False, st
         source = args.pretrained_model_name_or_path
         unet = load_unet(source, dtype=torch.float32)
         tes, tokenizers, vae = load_text_encoders(source), load_tokenizers(source), load_vae(source)
-    adapted, trainable_named = train.add_adapters(args, unet, tes, lambda *a, **k: None)
+    if getattr(args, "full_finetune", False):
+        adapted, trainable_named = train.full_weights(unet)
+    else:
+        adapted, trainable_named = train.add_adapters(args, unet, tes, lambda *a, **k: None)
     unet.set_gradient_checkpointing(args.gradient_checkpointing)
     run = lambda: _train_steps(train, args, _NoTracker(), unet, tes, tokenizers, vae, adapted, trainable_named,
                                list(trainable_named.values()), torch.float32, torch.device("cpu"), steps)
@@ -709,6 +801,7 @@ CHANGES = [  # (what to write on the command line, the change), cheapest first
     ("--rank 8", {"rank": 8}),
     ("--train_batch_size 1 (with --gradient_accumulation_steps for the same global batch)", {"train_batch_size": 1}),
     ("--optimizer adafactor", {"optimizer": "adafactor"}),
+    ("--fused_backward_pass", {"fused_backward_pass": True}),  # --full_finetune, without accumulation
 ]
 
 
@@ -722,6 +815,10 @@ def suggestions(args: argparse.Namespace, vram: int, target: str = "cuda") -> li
         if label.startswith("--rank") and args.rank <= 8 or label.startswith("--train_batch_size") and args.train_batch_size == 1:
             continue
         if label == "--ema_on_cpu" and not args.use_ema:
+            continue
+        full = getattr(args, "full_finetune", False)
+        if full and any(k in LORA_ONLY for k in change) or label.startswith("--fused") and (
+                not full or args.gradient_accumulation_steps > 1):
             continue
         if label.startswith("--cache") and args.train_text_encoder and args.cache_latents:
             continue
@@ -746,6 +843,43 @@ def suggestions(args: argparse.Namespace, vram: int, target: str = "cuda") -> li
     return [(" ".join(labels) + " (still too large)", plan)] if labels else []
 
 
+# --- train.py's plan, before it loads anything ------------------------------------------------------
+
+def plan_memory(args: argparse.Namespace, device: torch.device, log):
+    """The simulator's prediction of every phase (minsdxl.memory), before anything is loaded; on CUDA the
+    run stops here, with the table and the changes that would fit, if the peak is more than the GPU has free."""
+    if args.memory_plan == "off" or (args.memory_plan == "auto" and device.type != "cuda"):
+        return None
+    try:
+        plan = simulate(args, device.type)
+    except (SimulationError, ImportError) as e:
+        log(f"memory plan: not predicted ({e})")
+        return None
+    log("predicted device memory (python -m minsdxl.memory):\n" + plan.table())
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        check_memory(plan, free, args, log)
+    return plan
+
+
+def check_memory(plan, free: int, args: argparse.Namespace, log) -> None:
+    """Stop, before loading anything, if the predicted peak does not fit in `free` bytes (what the GPU has
+    free now, its CUDA context already made), unless --ignore_memory_plan."""
+    needed = (plan.peak - CUDA_CONTEXT) * (1 + FRAGMENTATION_MARGIN)
+    if needed <= free:
+        return
+    lines = [f"the predicted peak, {needed / 2**30:.2f} GiB (with {FRAGMENTATION_MARGIN:.0%} for the allocator), "
+             f"is more than the {free / 2**30:.2f} GiB this GPU has free; this run would run out of memory."]
+    found = suggestions(args, free + CUDA_CONTEXT, "cuda")
+    lines += [f"  {label}: predicted peak {(p.peak - CUDA_CONTEXT) / 2**30:.2f} GiB" for label, p in found] \
+        or ["  (no single change found)"]
+    msg = "\n".join(lines) + "\nChange the flags, or pass --ignore_memory_plan to try anyway."
+    if args.ignore_memory_plan:
+        log("warning: " + msg)
+        return
+    fail(msg)
+
+
 # --- the command line -------------------------------------------------------------------------------------
 
 # The 12 GB recipe (docs/memory.md): used for these flags when they are not given, unless --train_defaults.
@@ -754,7 +888,6 @@ RECIPE = {"train_batch_size": 1, "rank": 16, "gradient_checkpointing": True}
 
 def parse_args(argv: list[str] | None):
     """train.py's flags (its own parser, --config included) plus --vram, --json and --train_defaults."""
-    train = _train_module()
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--vram", help="the card's memory, e.g. 12GB: says whether the run fits and what would make it fit")
     extra.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -767,22 +900,26 @@ def parse_args(argv: list[str] | None):
               "  --train_defaults   flags not given take train.py's defaults, not the 12 GB recipe's "
               f"({' '.join(f'--{k} {v}' for k, v in RECIPE.items())})\nand every flag of train.py (python train.py --help)")
         raise SystemExit(0)
-    args = train.parse_args(rest)
+    args = parse_args_of_train(rest)
     args._assumed = {}
     if not ours.train_defaults:
         for key, value in RECIPE.items():
-            if key not in args._explicit:
+            if key not in args._explicit and not (args.full_finetune and key in LORA_ONLY):
                 setattr(args, key, value)
                 args._assumed[key] = value
     if args.demo:  # train.py --demo's tiny model and settings, written to a temporary folder
         args.output_dir = tempfile.mkdtemp(prefix="minsdxl-memory-")
         for key in RECIPE:
             if key in args._assumed:
-                setattr(args, key, train.build_parser().get_default(key))
+                setattr(args, key, build_parser().get_default(key))
         args._assumed = {}
-        train.apply_demo_defaults(args)
+        apply_demo_defaults(args)
     if args.use_8bit_adam:
         args.optimizer = "adamw8bit"
+    try:
+        check_full_finetune(args)  # its refusals, its optimizer and fused-step defaults
+    except SystemExit as e:
+        raise SystemExit(str(e).replace("train.py:", "minsdxl.memory:", 1)) from None
     if args.train_text_encoder:
         args.cache_text_embeddings = False
     return args, ours

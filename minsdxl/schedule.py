@@ -104,3 +104,28 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     ab = sqrt_ab**2
     alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])  # undo the cumulative product
     return 1 - alphas
+
+
+TIMESTEP_BIAS = ("none", "earlier", "later", "range")  # --timestep_bias_strategy, diffusers' names
+
+
+def timestep_weights(strategy: str, multiplier: float = 1.0, portion: float = 0.25, begin: int = 0, end: int = 1000,
+                     num_train_timesteps: int = 1000) -> torch.Tensor | None:
+    """(T,) sampling probabilities of the training timesteps with diffusers' --timestep_bias_* flags
+    (train_text_to_image_sdxl.py's generate_timestep_weights); None for "none" (uniform: torch.randint).
+
+    "earlier" / "later" multiply the weight of the first / last `portion` of the timesteps by
+    `multiplier` (low t: fine detail, high t: composition); "range" those in [begin, end)."""
+    T = num_train_timesteps
+    if strategy == "none":
+        return None
+    if multiplier <= 0:
+        raise ValueError(f"--timestep_bias_multiplier {multiplier} must be positive (to train on all timesteps "
+                         f"equally use --timestep_bias_strategy none)")
+    n = int(portion * T)
+    chosen = {"earlier": slice(0, n), "later": slice(T - n, T), "range": slice(begin, end)}[strategy]
+    if strategy == "range" and not 0 <= begin < end <= T:
+        raise ValueError(f"--timestep_bias_begin {begin} and --timestep_bias_end {end} must satisfy 0 <= begin < end <= {T}")
+    weights = torch.ones(T)
+    weights[chosen] *= multiplier
+    return weights / weights.sum()

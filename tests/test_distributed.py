@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -101,3 +102,35 @@ def test_recipe_flags_under_ddp(tmp_path):
         assert a == b, r
     assert (out / "validation" / "step-000002.png").is_file()
     assert any(k.startswith("lora_te2_") for k in load_file(str(out / "lora_kohya.safetensors")))
+
+
+def test_full_finetuning_shards_with_fsdp2_and_equals_one_process(tmp_path):
+    """--full_finetune under torchrun: FSDP2 (fully_shard) on gloo/CPU. AdamW in fp32, whose update of a value
+    depends on that value alone, so sharded and whole give the same weights; one process accumulates two
+    micro-batches of 2 for the same global batch of 4. A sharded checkpoint resumes exactly with 2 processes."""
+    # Adam divides by sqrt(v) + eps: with the default eps a gradient near 0 whose sign the summation order flips
+    # moves its weight by a whole lr the other way (seen: 1 value in 36,864 off by 1.6e-4). eps 1e-3 keeps the
+    # update of such a gradient proportional to it, so the comparison shows the sharding, not that amplification.
+    full = ("--full_finetune", "--optimizer", "adamw", "--adam_epsilon", "1e-3", "--max_train_steps", "4")
+    result = torchrun(tmp_path / "fsdp", *full, "--checkpointing_steps", "2")
+    assert "FSDP2: every UNet weight, its gradient and its optimizer state split across 2 processes" in result.stdout
+    single(tmp_path / "one", *full)
+    sharded, one = records(tmp_path / "fsdp"), records(tmp_path / "one")
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in sharded]), torch.tensor([r["loss"] for r in one]),
+                               rtol=1e-5, atol=1e-6)
+    read = lambda out: load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    w_fsdp, w_one = read(tmp_path / "fsdp"), read(tmp_path / "one")
+    assert w_fsdp.keys() == w_one.keys()
+    for k in w_fsdp:
+        torch.testing.assert_close(w_fsdp[k], w_one[k], rtol=1e-5, atol=1e-6)
+    # The checkpoint holds whole weights and both processes' optimizer shards; resumed by 2 processes it ends
+    # where the straight run did, bitwise.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    os.symlink(tmp_path / "fsdp" / "checkpoint-2", resumed / "checkpoint-2")
+    torchrun(resumed, *full, "--resume_from_checkpoint", "latest")
+    assert [r["loss"] for r in records(resumed)] == [r["loss"] for r in sharded[2:]]
+    w_resumed = read(resumed)
+    assert all(torch.equal(w_resumed[k], w_fsdp[k]) for k in w_fsdp)
+    with pytest.raises(SystemExit, match=r"written by a full fine-tuning run of 2 process\(es\).*resume it with 2"):
+        single(tmp_path / "one", *full, "--resume_from_checkpoint", str(tmp_path / "fsdp" / "checkpoint-2"))

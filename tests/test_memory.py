@@ -68,6 +68,10 @@ VARIANTS = {
     "DoRA + LoCon on every layer, checkpointing": ["--use_dora", "--lora_targets", "all", "--conv_rank", "4",
                                                    "--gradient_checkpointing"],
     "text encoders trained, EMA": ["--train_text_encoder", "--use_ema"],
+    "full fine-tuning, Adafactor, step fused into backward": ["--full_finetune"],
+    "full fine-tuning, AdamW after backward, checkpointing, EMA": ["--full_finetune", "--optimizer", "adamw",
+                                                                   "--no-fused_backward_pass", "--gradient_checkpointing",
+                                                                   "--use_ema"],
 }
 
 
@@ -80,7 +84,8 @@ def test_predicted_step_peak_equals_the_profilers(name):
 
 def test_phases_are_train_pys():
     """The simulator's phase names are those train.py measures (PhaseMeter), so the two tables line up."""
-    names = set(re.findall(r'meter\.phase\("([^"]+)"\)', (ROOT / "train.py").read_text())) | {"train step"}
+    sources = [ROOT / "train.py", ROOT / "minsdxl" / "validation.py"]  # (validation images mark their own phases)
+    names = {n for f in sources for n in re.findall(r'meter\.phase\("([^"]+)"\)', f.read_text())}
     plan = memory.simulate(demo_args("--validation_prompt", "a cat"))
     assert {p.name for p in plan.phases} <= names
     assert {"load UNet", "cache latents", "cache text", "train step", "validation: denoise", "validation: decode",
@@ -101,6 +106,20 @@ def test_the_recipe_at_1024_fits_8gb_and_fp8_fits_4_4gb():
     assert all(p.peak + fp8.extra_bytes <= 4.4 * GB for p in fp8.phases), fp8.table()
 
 
+def test_full_finetuning_at_1024_fits_8gb_with_the_fused_step():
+    """docs/training.md's figures: `python -m minsdxl.memory --resolution 1024 --full_finetune` (bf16 with
+    stochastic rounding, Adafactor, the step fused into backward, checkpointing, batch 1), and without fusing."""
+    fused = memory.simulate(memory.parse_args(["--resolution", "1024", "--full_finetune"])[0])
+    assert "full fine-tuning, step fused into backward, bf16, adafactor, checkpointing on" in fused.title
+    assert all(p.peak + fused.extra_bytes <= 8 * GB for p in fused.phases), fused.table()
+    step = fused.phase("train step")
+    assert step.by_kind["backward"] < 0.5 * GB  # no full set of gradients: one tensor's at a time
+    unfused = memory.simulate(memory.parse_args(["--resolution", "1024", "--full_finetune", "--no-fused_backward_pass"])[0])
+    grads = unfused.phase("train step").by_kind["backward"]
+    assert 2 * 2_567_463_684 <= grads < 2 * 2_567_463_684 + 0.3 * GB  # every bf16 gradient at once (+ activations')
+    assert unfused.peak > fused.peak + 4 * GB
+
+
 def test_cli_json_vram_and_suggestions(capsys):
     assert memory.main(["--demo", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
@@ -116,8 +135,21 @@ def test_bad_input_is_refused_clearly():
         memory.parse_size("twelve")
     with pytest.raises(memory.SimulationError, match="fp32"):
         memory.simulate(demo_args("--mixed_precision", "bf16"))
-    with pytest.raises(memory.SimulationError, match="adamw8bit"):
-        memory.simulate(memory.parse_args(["--optimizer", "adamw8bit"])[0])
+
+
+def test_8bit_adamw_is_modelled_from_bitsandbytes_state_layout():
+    """bitsandbytes needs CUDA, so its AdamW8bit is modelled: two uint8 moments and an fp32 absmax per block of
+    256 values for a tensor of >= 4096 values (Optimizer2State.init_state), two fp32 moments below that."""
+    big, small = torch.nn.Parameter(torch.zeros(4096 * 3, device="meta")), torch.nn.Parameter(torch.zeros(100, device="meta"))
+    opt = memory.AdamW8bitModel([big, small])
+    big.grad, small.grad = torch.zeros_like(big), torch.zeros_like(small)
+    opt.step()
+    nbytes = lambda p: sum(t.numel() * t.element_size() for t in opt.state[p].values() if torch.is_tensor(t))
+    assert nbytes(big) == 2 * 4096 * 3 + 2 * 4 * 48 and nbytes(small) == 2 * 4 * 100
+    eight = memory.simulate(demo_args("--full_finetune", "--optimizer", "adamw8bit"))
+    plain = memory.simulate(demo_args("--full_finetune", "--optimizer", "adamw"))
+    assert any("8-bit AdamW is modelled" in n for n in eight.notes)
+    assert eight.phase("train step").by_kind["optimizer state"] < plain.phase("train step").by_kind["optimizer state"] / 2
 
 
 @pytest.mark.slow
@@ -161,11 +193,11 @@ def test_a_run_that_would_not_fit_stops_before_loading(capsys):
     free = 27 * 2**20  # fp32 tiny step: 31.5 MiB predicted; with checkpointing 24.7 MiB (+ 5% for fragmentation)
     assert plan.peak - memory.CUDA_CONTEXT > free
     with pytest.raises(SystemExit, match=r"(?s)more than the 0.03 GiB this GPU has free.*\n  --gradient_checkpointing: predicted peak 0.02 GiB"):
-        train.check_memory(plan, free, args, print)
+        memory.check_memory(plan, free, args, print)
     args.ignore_memory_plan = True
-    train.check_memory(plan, free, args, print)  # goes on, with the warning
+    memory.check_memory(plan, free, args, print)  # goes on, with the warning
     assert "warning: the predicted peak" in capsys.readouterr().out
-    train.check_memory(plan, 2**30, demo_args(), print)  # fits: nothing said
+    memory.check_memory(plan, 2**30, demo_args(), print)  # fits: nothing said
 
 
 def test_a_dependency_train_py_lacks_is_named_not_hidden(tmp_path, monkeypatch):

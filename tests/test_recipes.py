@@ -51,6 +51,7 @@ TECHNIQUES = {
     "dropouts": ["--lora_dropout", "0.1", "--rank_dropout", "0.5", "--module_dropout", "0.2"],
     "gaussian_init": ["--init_lora_weights", "gaussian"],
     "adafactor": ["--optimizer", "adafactor"],
+    "timestep_bias": ["--timestep_bias_strategy", "later", "--timestep_bias_multiplier", "2"],
     "bucketing_accumulation": ["--bucketing", "--gradient_accumulation_steps", "2", "--scale_lr"],
 }
 

@@ -13,7 +13,7 @@ import pytest
 from safetensors import safe_open
 
 import train
-from minsdxl import train_state
+from minsdxl import train_args, train_state, validation
 from minsdxl.train_state import save_checkpoint
 
 STEPS = ("--max_train_steps",)
@@ -254,11 +254,13 @@ ACCEPTED_WITHOUT_EFFECT = {
 
 
 def test_every_flag_is_read():
-    """A flag is read as `args.<name>` in train.py, refused by name (NOT_SUPPORTED_YET), or listed above."""
-    source = Path(train.__file__).read_text()
-    unread = [a.dest for a in train.build_parser()._actions
+    """A flag is read as `args.<name>` in train.py or a minsdxl module (the ones train.py hands its flags to),
+    refused by name (NOT_SUPPORTED_YET), or listed above."""
+    root = Path(train.__file__).parent
+    source = "\n".join(f.read_text() for f in [root / "train.py", *sorted((root / "minsdxl").glob("*.py"))])
+    unread = [a.dest for a in train_args.build_parser()._actions
               if a.dest != "help" and not re.search(rf"\b(args|pre)\.{a.dest}\b", source)
-              and a.dest not in train.NOT_SUPPORTED_YET and a.dest not in ACCEPTED_WITHOUT_EFFECT]
+              and a.dest not in train_args.NOT_SUPPORTED_YET and a.dest not in ACCEPTED_WITHOUT_EFFECT]
     assert unread == [], f"flags that nothing reads: {unread}"
 
 
@@ -280,14 +282,14 @@ def test_help_shows_each_default_once():
 
 
 def test_a_stop_during_validation_is_not_kept_waiting(tmp_path, monkeypatch):
-    real_generate, calls = train.generate, []
+    real_generate, calls = validation.generate, []
 
     def generate(*a, **k):  # the first validation image: the signal arrives while it is made
         calls.append(1)
         if len(calls) == 1:
             os.kill(os.getpid(), signal.SIGTERM)
         return real_generate(*a, **k)
-    monkeypatch.setattr(train, "generate", generate)
+    monkeypatch.setattr(validation, "generate", generate)
     out = tmp_path / "val"
     code = cli(out, "--max_train_steps", "4", "--validation_prompt", "a red circle", "--validation_steps", "1",
                "--num_validation_images", "4", "--validation_inference_steps", "2")

@@ -86,3 +86,20 @@ def test_min_snr_weights_are_finite_at_zero_snr():
     torch.testing.assert_close(eps_w[:-1], diffusers_min_snr_weights(ref, t, 5.0, "epsilon")[:-1], rtol=1e-5, atol=0)
     x0, noise = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
     assert torch.equal(ours.add_noise(x0, noise, torch.tensor([999])), noise)  # the last step is pure noise
+
+
+def test_timestep_bias_weights_as_diffusers_defines_them():
+    from minsdxl.schedule import timestep_weights
+    assert timestep_weights("none") is None
+    w = timestep_weights("later", multiplier=2.0, portion=0.25)  # the last 250 of 1000 twice as likely
+    assert w.shape == (1000,) and abs(w.sum().item() - 1) < 1e-6 and w[999] == 2 * w[0] and w[749] == w[0]
+    draws = torch.multinomial(w, 100_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    assert abs((draws >= 750).float().mean().item() - 500 / 1250) < 0.01
+    r = timestep_weights("range", multiplier=3.0, begin=200, end=500)
+    assert r[200] == r[499] == 3 * r[500] and r[199] == r[500]
+    e = timestep_weights("earlier", multiplier=0.5, portion=0.1)
+    assert e[99] == 0.5 * e[100]
+    with pytest.raises(ValueError, match="--timestep_bias_multiplier 0.0 must be positive"):
+        timestep_weights("later", multiplier=0.0)
+    with pytest.raises(ValueError, match="begin 600 and --timestep_bias_end 500"):
+        timestep_weights("range", begin=600, end=500)

@@ -124,6 +124,8 @@ def test_the_diffusers_command_line_parses_unchanged():
     (["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--resolution", "1000"], "multiple of 64"),
     (["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--push_to_hub"], "--push_to_hub .*not supported yet"),
     (["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--rank_dropout", "1.5"], "--rank_dropout 1.5 must be in"),
+    (["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--timestep_bias_strategy", "later",
+      "--timestep_bias_multiplier", "0"], "--timestep_bias_multiplier 0.0 must be positive"),
 ])
 def test_bad_flags_are_named(argv, message):
     with pytest.raises(SystemExit, match=message):
