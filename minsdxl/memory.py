@@ -609,7 +609,7 @@ def _train_steps(train, args, tracker, unet, tes, tokenizers, vae, adapted, trai
                         context, pooled = torch.zeros(B, 77, unet.config.cross_attention_dim), torch.zeros(B, unet.config.pooled_text_dim)
                     if not args.cache_latents:
                         x0 = torch.stack([train.encode_image(vae, torch.zeros(3, args.resolution, args.resolution)) for _ in range(B)])
-                    time_ids = torch.zeros(B, 6)
+                    time_ids = torch.zeros(B, unet.config.num_time_ids)
                     noise, t = torch.zeros(x0.shape), torch.full((B,), 500)
                     loss, _ = train.batch_loss(unet, sched, x0, noise, t, context, pooled, time_ids, device, weight_dtype,
                                                args.prediction_type or "epsilon", args.snr_gamma)

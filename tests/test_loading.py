@@ -57,10 +57,10 @@ def assert_unet_matches(ours, ref_unet, what: str):
 
 # --- key conversion -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", list(CONFIGS) + ["sdxl_base"])
+@pytest.mark.parametrize("name", list(CONFIGS) + ["sdxl_base", "sdxl_refiner"])
 def test_sgm_conversion_agrees_with_diffusers_converter(name):
-    cfg = UNetConfig.sdxl_base() if name == "sdxl_base" else CONFIGS[name]
-    device = "meta" if name == "sdxl_base" else "cpu"
+    cfg = getattr(UNetConfig, name)() if name.startswith("sdxl_") else CONFIGS[name]
+    device = "meta" if name.startswith("sdxl_") else "cpu"
     with torch.device(device):
         sd = UNet(cfg).state_dict()
     sgm = convert.unet_diffusers_to_sgm(sd)
