@@ -114,6 +114,22 @@ class UNetConfig:
             norm_num_groups=8,
         )
 
+    @classmethod
+    def tiny_refiner(cls) -> "UNetConfig":
+        """The refiner's topology (4 levels, attention on the middle two, one text encoder, the aesthetic
+        score) at toy size, for minsdxl.tiny's refiner."""
+        return cls(
+            block_out_channels=(32, 64, 64, 64),
+            transformer_depth=(0, 1, 1, 0),
+            mid_transformer_depth=1,
+            num_heads=(2, 2, 2, 2),
+            cross_attention_dim=32,  # the tiny text encoder 2 alone
+            pooled_text_dim=32,
+            addition_time_embed_dim=8,
+            time_ids=REFINER_TIME_IDS,
+            norm_num_groups=8,
+        )
+
     # ------------------------------------------------------------------------- diffusers config.json
 
     @classmethod

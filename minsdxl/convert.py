@@ -27,6 +27,7 @@ from .config import UNetConfig, time_ids_from_widths
 SGM_UNET_PREFIX = "model.diffusion_model."
 SGM_TE1_PREFIX = "conditioner.embedders.0.transformer."
 SGM_TE2_PREFIX = "conditioner.embedders.1.model."
+SGM_REFINER_TE2_PREFIX = "conditioner.embedders.0.model."  # the refiner's only text encoder, OpenCLIP bigG
 SGM_VAE_PREFIX = "first_stage_model."
 
 # Modules outside the down/mid/up blocks: (SGM, diffusers).
