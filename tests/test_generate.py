@@ -1,5 +1,7 @@
 """minsdxl.generate and sample.py on the tiny pipeline: equal to StableDiffusionXLPipeline, LoRAs
-applied (scaled, merged, several), the comparison grid, NaN detection and clear errors."""
+applied (scaled, merged, several), the comparison grid, NaN detection and clear errors. Base + refiner
+equal to StableDiffusionXLPipeline(denoising_end) followed by StableDiffusionXLImg2ImgPipeline
+(denoising_start), and image to image equal to StableDiffusionXLImg2ImgPipeline, on tiny random models."""
 
 import json
 import os
@@ -14,13 +16,13 @@ import pytest
 import safetensors.torch
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, StableDiffusionXLPipeline)
+                       EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline)
 from PIL import Image
 
 import lora
 import sample
 from minsdxl import load_text_encoders, load_tokenizers, load_unet, load_vae
-from minsdxl.generate import GenerationError, Models, generate
+from minsdxl.generate import GenerationError, Models, generate, image_to_tensor
 from minsdxl.lora_files import save_sdxl_lora
 from minsdxl.tiny import write_tiny_pipeline
 from tests.parity import assert_matches_reference
@@ -35,8 +37,33 @@ def tiny_dir(tmp_path_factory):
     return write_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipe")
 
 
+@pytest.fixture(scope="module")
+def tiny_refiner_dir(tmp_path_factory):
+    return write_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "refiner", refiner=True)
+
+
 def models_of(root) -> Models:
     return Models(load_unet(root), load_vae(root), load_text_encoders(root), load_tokenizers(root))
+
+
+def refiner_of(root) -> Models:
+    return Models(load_unet(root, expect="refiner"), None, load_text_encoders(root), load_tokenizers(root))
+
+
+def diffusers_pipe(cls, root, sampler):
+    pipe = cls.from_pretrained(str(root))
+    pipe.scheduler = SCHEDULERS[sampler].from_config(SDXL_SCHEDULER_CONFIG)  # the real models' scheduler config
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def init_picture():
+    """A 64x64 RGB test picture with structure at several scales (a gradient, a disc, stripes)."""
+    y, x = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    r = x * 4
+    g = ((x - 32) ** 2 + (y - 28) ** 2 < 300).float() * 200 + 30
+    b = (y // 4 % 2) * 180 + 40
+    return Image.fromarray(torch.stack([r, g, b], -1).clamp(0, 255).to(torch.uint8).numpy())
 
 
 def lora_file(root, path, seed=1, targets=("to_q", "to_k", "to_v", "to_out.0")):
@@ -66,6 +93,86 @@ def test_latents_equal_the_diffusers_pipeline(tiny_dir, sampler, negative):
     # matmul down another PyTorch kernel (parity.py); with the reference frozen too, euler, euler_a and
     # dpmpp_2m are bitwise equal and ddim is 3e-7 off (our DDIM takes alpha from sigma: sampling.py).
     assert_matches_reference(ours, theirs, f"final latents, {sampler}, negative {negative!r}")
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+@pytest.mark.parametrize("negative", ["", "blurry"])
+def test_base_then_refiner_equals_diffusers_ensemble_of_experts(tiny_dir, tiny_refiner_dir, sampler, negative):
+    """The base runs the first 80% of the schedule (denoising_end=0.8, latents out), the refiner the rest
+    (denoising_start=0.8) with its one text encoder, its empty negative prompt encoded, aesthetic scores 6 / 2.5."""
+    prompts, steps, seed = ["a cat", "a dog"], 10, 3
+    ours = generate(models_of(tiny_dir), prompts, [negative] * 2, steps=steps, sampler=sampler, seed=seed, width=64,
+                    height=64, refiner=refiner_of(tiny_refiner_dir), refiner_start=0.8, return_latents=True)
+    negatives = [negative] * 2 if negative else None
+    base = diffusers_pipe(StableDiffusionXLPipeline, tiny_dir, sampler)
+    handed_over = base(prompts, negative_prompt=negatives, num_inference_steps=steps, denoising_end=0.8, width=64,
+                       height=64, generator=torch.Generator().manual_seed(seed), output_type="latent").images
+    refiner = diffusers_pipe(StableDiffusionXLImg2ImgPipeline, tiny_refiner_dir, sampler)
+    assert refiner.config.requires_aesthetics_score and not refiner.config.force_zeros_for_empty_prompt
+    theirs = refiner(prompts, negative_prompt=negatives, image=handed_over, num_inference_steps=steps,
+                     denoising_start=0.8, generator=torch.Generator().manual_seed(seed), output_type="latent").images
+    without_refiner = generate(models_of(tiny_dir), prompts, [negative] * 2, steps=steps, sampler=sampler, seed=seed,
+                               width=64, height=64, return_latents=True)
+    assert (ours - without_refiner).abs().max() > 1e-2  # the refiner did something
+    assert_matches_reference(ours, theirs, f"base 80% + refiner 20%, final latents, {sampler}, negative {negative!r}")
+
+
+def test_refiner_over_a_finished_image_equals_diffusers(tiny_dir, tiny_refiner_dir):
+    """refiner_start=0: the base runs every step; the refiner runs image to image on its latents at strength 0.3."""
+    prompts, steps, seed = ["a cat"], 10, 4
+    ours = generate(models_of(tiny_dir), prompts, steps=steps, seed=seed, width=64, height=64,
+                    refiner=refiner_of(tiny_refiner_dir), refiner_start=0.0, strength=0.3, return_latents=True)
+    base = diffusers_pipe(StableDiffusionXLPipeline, tiny_dir, "euler")
+    finished = base(prompts, num_inference_steps=steps, width=64, height=64,
+                    generator=torch.Generator().manual_seed(seed), output_type="latent").images
+    refiner = diffusers_pipe(StableDiffusionXLImg2ImgPipeline, tiny_refiner_dir, "euler")
+    theirs = refiner(prompts, image=finished, strength=0.3, num_inference_steps=steps,
+                     generator=torch.Generator().manual_seed(seed), output_type="latent").images
+    assert_matches_reference(ours, theirs, "base, then the refiner over its finished latents at strength 0.3")
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+@pytest.mark.parametrize("strength", [0.3, 0.7])
+def test_image_to_image_equals_diffusers(tiny_dir, sampler, strength):
+    """The init image encoded in fp32 (a sample of the VAE's Gaussian), noised to the step strength leaves,
+    denoised from there; the generator draws the VAE sample, then the noise, as diffusers' img2img does."""
+    image, prompts, steps, seed = init_picture(), ["a cat", "a dog"], 10, 5
+    ours = generate(models_of(tiny_dir), prompts, steps=steps, sampler=sampler, seed=seed, init_image=image_to_tensor(image),
+                    strength=strength, return_latents=True)
+    pipe = diffusers_pipe(StableDiffusionXLImg2ImgPipeline, tiny_dir, sampler)
+    theirs = pipe(prompts, image=image, strength=strength, num_inference_steps=steps,
+                  generator=torch.Generator().manual_seed(seed), output_type="latent").images
+    assert_matches_reference(ours, theirs, f"image to image, strength {strength}, {sampler}")
+
+
+def test_image_to_image_then_refiner_equals_diffusers(tiny_dir, tiny_refiner_dir):
+    """Both at once: the base's img2img cut at denoising_end, the refiner from denoising_start."""
+    image, prompts, steps, seed = init_picture(), ["a cat"], 20, 6
+    ours = generate(models_of(tiny_dir), prompts, steps=steps, seed=seed, init_image=image_to_tensor(image), strength=0.7,
+                    refiner=refiner_of(tiny_refiner_dir), refiner_start=0.8, return_latents=True)
+    base = diffusers_pipe(StableDiffusionXLImg2ImgPipeline, tiny_dir, "euler")
+    handed_over = base(prompts, image=image, strength=0.7, num_inference_steps=steps, denoising_end=0.8,
+                       generator=torch.Generator().manual_seed(seed), output_type="latent").images
+    refiner = diffusers_pipe(StableDiffusionXLImg2ImgPipeline, tiny_refiner_dir, "euler")
+    theirs = refiner(prompts, image=handed_over, num_inference_steps=steps, denoising_start=0.8,
+                     generator=torch.Generator().manual_seed(seed), output_type="latent").images
+    assert_matches_reference(ours, theirs, "image to image at 0.7, then the refiner from 0.8")
+
+
+def test_schedules_that_leave_a_model_no_step_are_refused(tiny_dir, tiny_refiner_dir):
+    models, refiner = models_of(tiny_dir), refiner_of(tiny_refiner_dir)
+    image = image_to_tensor(init_picture())
+    common = dict(steps=10, width=64, height=64, return_latents=True)
+    with pytest.raises(GenerationError, match="leave the base no step to run"):  # strength 0.1: steps 9-10, cut at 8
+        generate(models, ["x"], init_image=image, strength=0.1, refiner=refiner, refiner_start=0.8, **common)
+    with pytest.raises(GenerationError, match="leave the base no step to run"):
+        generate(models, ["x"], init_image=image, strength=0.05, **common)
+    with pytest.raises(GenerationError, match="leave the refiner no step to run"):
+        generate(models, ["x"], refiner=refiner, refiner_start=0.9999, **common)
+    with pytest.raises(GenerationError, match=r"--refiner_start 1.0 must be in \[0, 1\)"):
+        generate(models, ["x"], refiner=refiner, refiner_start=1.0, **common)
+    with pytest.raises(GenerationError, match=r"--strength 0.0 must be in \(0, 1\]"):
+        generate(models, ["x"], init_image=image, strength=0.0, **common)
 
 
 def test_images_equal_the_diffusers_pipeline(tiny_dir):
