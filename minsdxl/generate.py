@@ -116,12 +116,15 @@ def encode(vae, image: torch.Tensor, generator: torch.Generator, device, lowvram
     Gaussian, drawn from `generator` (as diffusers' img2img does), computed in fp32 whatever the VAE's dtype
     (the SDXL VAE overflows in fp16; diffusers upcasts it for this too)."""
     with _stage("encode image", [vae], device, lowvram, meter):
+        encoder = [m for m in (vae.encoder, vae.quant_conv) if m is not None]  # all that vae.encode runs
         dtype = vae.dtype
-        vae.float()
+        for m in encoder:
+            m.float()
         try:
-            latents = vae.encode(image.to(vae.device, torch.float32)).latent_dist.sample(generator)
+            latents = vae.encode(image.to(vae.device, torch.float32)).latent_dist.sample(generator)  # (1, 4, H/8, W/8)
         finally:
-            vae.to(dtype)
+            for m in encoder:
+                m.to(dtype)
     return latents * LATENT_SCALE
 
 

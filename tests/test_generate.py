@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -275,6 +276,107 @@ def test_vae_tiling_and_lowvram_run(tiny_dir, tmp_path, monkeypatch):
     result = sample.main(args)
     assert calls  # 128 px is above the tiny VAE's 64 px tile: the tiled path ran
     assert Image.open(result["images"][0]).size == (128, 128)
+
+
+def test_lowvram_keeps_only_the_model_in_use_on_the_device(tiny_dir, tiny_refiner_dir, tmp_path, monkeypatch):
+    """With --lowvram each stage brings its own models to the device and sends them back: at every forward
+    pass of a model exactly that stage's models are there (text encoders, base UNet, refiner, VAE in turn)."""
+    generate_module = sys.modules["minsdxl.generate"]  # (the package exports the function `generate` under that name)
+    on_device, seen = [], []
+    real_on = generate_module._on
+
+    @contextmanager
+    def spying_on(module, device, lowvram):
+        assert lowvram
+        with real_on(module, device, lowvram):
+            on_device.append(module)
+            try:
+                yield module
+            finally:
+                on_device.remove(module)
+
+    monkeypatch.setattr(generate_module, "_on", spying_on)
+    models, refiner = models_of(tiny_dir), refiner_of(tiny_refiner_dir)
+    parts = {"text encoder 1": models.text_encoders[0], "text encoder 2": models.text_encoders[1], "UNet": models.unet,
+             "refiner text encoder": refiner.text_encoders[0], "refiner UNet": refiner.unet,
+             "VAE encoder": models.vae.encoder, "VAE decoder": models.vae.decoder}
+    for name, module in parts.items():
+        module.register_forward_pre_hook(lambda m, args, name=name: seen.append((name, list(on_device))))
+    monkeypatch.setattr(sample, "load_models", lambda *a: models)
+    monkeypatch.setattr(sample, "load_refiner", lambda *a: refiner)
+    init = tmp_path / "init.png"
+    init_picture().save(init)
+    sample.main(args_for(tiny_dir, tmp_path / "out", "--lowvram", "--refiner", str(tiny_refiner_dir),
+                         "--init_image", str(init), "--strength", "0.9", "--steps", "4"))
+    stage = {"text encoder 1": [models.text_encoders[0], models.text_encoders[1]],
+             "text encoder 2": [models.text_encoders[0], models.text_encoders[1]],
+             "UNet": [models.unet], "refiner text encoder": [refiner.text_encoders[0]], "refiner UNet": [refiner.unet],
+             "VAE encoder": [models.vae], "VAE decoder": [models.vae]}
+    assert {name for name, _ in seen} == set(parts)
+    for name, there in seen:
+        assert there == stage[name], f"during {name}: {len(there)} models on the device"
+    order = [name for i, (name, _) in enumerate(seen) if i == 0 or seen[i - 1][0] != name]
+    # (the base's empty negative prompt is zeros, not encoded; the refiner encodes the prompt, then "")
+    assert order == ["text encoder 1", "text encoder 2", "VAE encoder", "UNet", "refiner text encoder", "refiner UNet",
+                     "VAE decoder"]
+    assert not on_device
+
+
+def test_demo_with_a_tiny_refiner(tiny_refiner_dir, tmp_path):
+    """sample.py --demo --refiner PATH: the tiny base hands over to a tiny refiner written by minsdxl.tiny."""
+    plain = sample.main(sample.parse_args(["--demo", "--output_dir", str(tmp_path / "plain"), "--steps", "5"]))
+    refined = sample.main(sample.parse_args(["--demo", "--output_dir", str(tmp_path / "refined"), "--steps", "5",
+                                             "--refiner", str(tiny_refiner_dir)]))
+    assert Image.open(refined["images"][0]).size == (64, 64)
+    assert not torch.equal(pixels(refined["images"][0]), pixels(plain["images"][0]))  # the refiner ran its last step
+    text = Image.open(refined["images"][0]).text
+    assert "Refiner: refiner, Refiner switch at: 0.8" in text["parameters"]
+    info = json.loads(text["minsdxl"])
+    assert (info["refiner"], info["refiner_start"], info["aesthetic_score"]) == (str(tiny_refiner_dir), 0.8, 6.0)
+    # --refiner_start 0: the base finishes; the refiner re-runs the last --strength of the schedule
+    again = sample.main(sample.parse_args(["--demo", "--output_dir", str(tmp_path / "again"), "--steps", "5",
+                                           "--refiner", str(tiny_refiner_dir), "--refiner_start", "0", "--strength", "0.4"]))
+    assert "Refiner switch at: 0.0" in Image.open(again["images"][0]).text["parameters"]
+
+
+def test_image_to_image_from_the_command_line(tiny_dir, tmp_path):
+    init = tmp_path / "init.png"
+    init_picture().resize((70, 50)).save(init)
+    own_size = sample.parse_args(["--pretrained_model_name_or_path", str(tiny_dir), "--prompt", "a red ball", "--steps", "3",
+                                  "--output_dir", str(tmp_path / "a"), "--init_image", str(init), "--strength", "0.6"])
+    assert Image.open(sample.main(own_size)["images"][0]).size == (64, 48)  # 70 x 50 rounded down to multiples of 8
+    out = sample.main(args_for(tiny_dir, tmp_path / "b", "--init_image", str(init), "--strength", "0.6"))
+    assert Image.open(out["images"][0]).size == (64, 64)  # --width 64 --height 64 given: resized to that
+    assert "Denoising strength: 0.6" in Image.open(out["images"][0]).text["parameters"]
+    # with a LoRA: image to image runs the base with the LoRA applied
+    path = lora_file(tiny_dir, tmp_path / "style.safetensors")
+    with_lora = sample.main(args_for(tiny_dir, tmp_path / "c", "--init_image", str(init), "--strength", "0.6",
+                                     "--lora", str(path)))
+    assert (pixels(with_lora["images"][0]) - pixels(out["images"][0])).abs().mean() > 0.5
+
+
+def test_refiner_and_image_flags_are_checked(tiny_dir, tiny_refiner_dir, tmp_path):
+    """A refiner given as the base and the base as the refiner name the file and say what it is; flags that
+    only mean something with the refiner or image to image are refused without them."""
+    with pytest.raises(SystemExit, match=rf"--pretrained_model_name_or_path: {re.escape(str(tiny_refiner_dir))}.*not an "
+                                         r"SDXL base UNet: found the SDXL refiner .*sample.py --refiner"):
+        sample.main(args_for(tiny_refiner_dir, tmp_path))
+    with pytest.raises(SystemExit, match=rf"--refiner: {re.escape(str(tiny_dir))}.*not an SDXL refiner UNet: found an "
+                                         r"SDXL base model"):
+        sample.main(args_for(tiny_dir, tmp_path, "--refiner", str(tiny_dir)))
+    for flags, message in ((["--aesthetic_score", "7"], "--aesthetic_score is for the refiner"),
+                           (["--refiner_start", "0.5"], "--refiner_start is for the refiner"),
+                           (["--strength", "0.5"], "--strength is for image to image"),
+                           (["--refiner", str(tiny_refiner_dir), "--strength", "0.5"], "--strength is for image to image"),
+                           (["--refiner", str(tiny_refiner_dir), "--refiner_start", "1"], r"--refiner_start 1.0 must be in \[0, 1\)"),
+                           (["--init_image", "nowhere.png"], "--init_image nowhere.png: no such file"),
+                           (["--init_image", str(tmp_path / "x.png"), "--strength", "0"], r"--strength 0.0 must be in \(0, 1\]")):
+        (tmp_path / "x.png").write_bytes(b"")
+        with pytest.raises(SystemExit, match=message):
+            sample.main(args_for(tiny_dir, tmp_path, *flags))
+    (tmp_path / "broken.png").write_bytes(b"not a picture")
+    with pytest.raises(SystemExit, match="--init_image .*broken.png: not an image PIL can read"):
+        sample.main(args_for(tiny_dir, tmp_path, "--init_image", str(tmp_path / "broken.png")))
 
 
 def test_bad_input_gets_a_clear_error(tiny_dir, tmp_path):
