@@ -36,7 +36,6 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 import lora
 from minsdxl.cli import HelpFormatter, given_flags
 from minsdxl.fp8 import quantize_fp8
-from minsdxl.data import DataError, open_image
 from minsdxl.generate import GenerationError, Models, compare_grid, generate, image_to_tensor
 from minsdxl.loading import LoadError, check_text_encoders, load_text_encoders, load_tokenizers, load_unet, load_vae
 from minsdxl.lora_files import load_sdxl_lora
@@ -212,6 +211,7 @@ def load_init_image(args: argparse.Namespace) -> torch.Tensor | None:
     img2img), or at --width x --height when given; resized with Lanczos, as diffusers resizes it."""
     if not args.init_image:
         return None
+    from minsdxl.data import DataError, open_image  # (here: minsdxl.data imports `datasets`, which nothing else here needs)
     try:
         image = open_image(Path(args.init_image).read_bytes())
     except (OSError, UnidentifiedImageError, DataError) as e:

@@ -152,7 +152,9 @@ def main(args):
         pipes, models = build(args, tmp)
         run = runners(args, pipes, models)
         with torch.no_grad():
-            latent_diff = (run["ours"](return_latents=True).float() - run["reference"]("latent").float()).abs().max()
+            ref_latents = run["reference"]("latent").float()
+            latent_diff = (run["ours"](return_latents=True).float() - ref_latents).abs().max()
+            latent_scale = ref_latents.abs().max()
         times = time_alternating(run, args.repeats, args.device)
         rows = [("seconds per image", times["reference"], times["ours"], "s")]
         if torch.device(args.device).type == "cuda":
@@ -168,7 +170,8 @@ def main(args):
     rows.append(("peak memory above weights", peaks["reference"], peaks["ours"], "bytes"))
     what = f"base + refiner from {REFINER_START}" if args.refiner else "generation"
     print_table(f"{what}, {args.config}, {args.size}x{args.size}, {args.steps} Euler steps, CFG {GUIDANCE}, "
-                f"{args.dtype}, {args.repeats} repeats, {device_name(args.device)}; max |latents ours - ref| = {latent_diff:.2e}", rows)
+                f"{args.dtype}, {args.repeats} repeats, {device_name(args.device)}; max |latents ours - ref| = {latent_diff:.2e} "
+                f"({latent_diff / latent_scale:.1e} of max |ref|)", rows)
 
 
 def parse_args(argv=None):
