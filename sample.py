@@ -245,6 +245,21 @@ def apply_loras(models: Models, specs: list[tuple[Path, float]], merge: bool) ->
                 lora.bake(m)
 
 
+def generation_settings(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, image_to_image: bool,
+                        with_refiner: bool) -> dict:
+    """generate()'s settings from the flags, those of image to image and the refiner only where they apply
+    (so that the PNG records what ran)."""
+    settings = dict(steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler, karras=args.karras,
+                    width=args.width, height=args.height, device=device, dtype=dtype, lowvram=args.lowvram,
+                    vae_tiling=args.vae_tiling, prediction_type=args.prediction_type)
+    if image_to_image or (with_refiner and args.refiner_start == 0):
+        settings["strength"] = args.strength
+    if with_refiner:
+        settings.update(refiner_start=args.refiner_start, aesthetic_score=args.aesthetic_score,
+                        negative_aesthetic_score=args.negative_aesthetic_score)
+    return settings
+
+
 # Our sampler names as AUTOMATIC1111's web UI writes them, so its "PNG Info" tab and other tools read our PNGs.
 A1111_SAMPLERS = {"euler": "Euler", "euler_a": "Euler a", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M"}
 
@@ -292,14 +307,7 @@ def main(args: argparse.Namespace) -> dict:
         args.height, args.width = init_image.shape[-2:]
     models = load_models(args, device, dtype)
     refiner = load_refiner(args, device, dtype)
-    settings = dict(steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler, karras=args.karras,
-                    width=args.width, height=args.height, device=device, dtype=dtype, lowvram=args.lowvram,
-                    vae_tiling=args.vae_tiling, prediction_type=args.prediction_type)
-    if init_image is not None or (refiner is not None and args.refiner_start == 0):
-        settings["strength"] = args.strength
-    if refiner is not None:
-        settings.update(refiner_start=args.refiner_start, aesthetic_score=args.aesthetic_score,
-                        negative_aesthetic_score=args.negative_aesthetic_score)
+    settings = generation_settings(args, device, dtype, init_image is not None, refiner is not None)
     # What the PNG records besides `settings` (paths, not the models and the image themselves)
     sources = {"model": args.pretrained_model_name_or_path, "refiner": args.refiner, "init_image": args.init_image}
     jobs = [(p_i, prompt, args.seed + i) for p_i, prompt in enumerate(args.prompt) for i in range(args.num_images)]
