@@ -146,6 +146,18 @@ def test_image_to_image_equals_diffusers(tiny_dir, sampler, strength):
     assert_matches_reference(ours, theirs, f"image to image, strength {strength}, {sampler}")
 
 
+def test_init_image_is_encoded_in_fp32_whatever_the_vae_dtype(tiny_dir):
+    """The SDXL VAE overflows in fp16: the encoder runs in fp32 for image to image (diffusers upcasts it too),
+    and the VAE is back in its own dtype after."""
+    models = models_of(tiny_dir)
+    models.vae.to(torch.bfloat16)
+    seen = []
+    models.vae.encoder.register_forward_pre_hook(lambda m, args: seen.append((args[0].dtype, m.conv_in.weight.dtype)))
+    generate(models, ["a cat"], steps=4, init_image=image_to_tensor(init_picture()), strength=0.5, return_latents=True)
+    assert seen == [(torch.float32, torch.float32)]
+    assert {p.dtype for p in models.vae.parameters()} == {torch.bfloat16}
+
+
 def test_image_to_image_then_refiner_equals_diffusers(tiny_dir, tiny_refiner_dir):
     """Both at once: the base's img2img cut at denoising_end, the refiner from denoising_start."""
     image, prompts, steps, seed = init_picture(), ["a cat"], 20, 6
