@@ -1,4 +1,4 @@
-"""The UNet's configuration: one dataclass, three presets, and the bridge from diffusers' config.json.
+"""The UNet's configuration: one dataclass, its presets, and the bridge from diffusers' config.json.
 
 SDXL's UNet is described in Podell et al., "SDXL: Improving Latent Diffusion Models for
 High-Resolution Image Synthesis" (2023), section 2.1 (the base) and 2.5 (the refiner). The defaults
@@ -117,7 +117,7 @@ class UNetConfig:
     @classmethod
     def tiny_refiner(cls) -> "UNetConfig":
         """The refiner's topology (4 levels, attention on the middle two, one text encoder, the aesthetic
-        score) at toy size, for minsdxl.tiny's refiner."""
+        score) at 3.13M parameters, for minsdxl.tiny's refiner."""
         return cls(
             block_out_channels=(32, 64, 64, 64),
             transformer_depth=(0, 1, 1, 0),
