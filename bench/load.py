@@ -11,6 +11,7 @@ each side loads onto the GPU (ours straight from the file, diffusers' model then
 the child also reports the GPU's peak allocated bytes.
 
     python bench/load.py --config base --dtype bf16 --repeats 5
+    python bench/load.py --config refiner --dtype bf16 --repeats 2    # the SDXL refiner's UNet
     python bench/load.py --config base --dtype bf16 --device cuda --repeats 2
 """
 
@@ -40,7 +41,7 @@ def write_checkpoints(config: str, cache: Path, device: str = "cpu") -> tuple[Pa
     single, folder = cache / f"{config}_single_fp16.safetensors", cache / f"{config}_diffusers"
     if single.is_file() and (folder / "unet/diffusion_pytorch_model.safetensors").is_file():
         return single, folder
-    cfg = UNetConfig.sdxl_base() if config == "base" else UNetConfig.tiny()
+    cfg = {"base": UNetConfig.sdxl_base, "refiner": UNetConfig.sdxl_refiner, "tiny": UNetConfig.tiny}[config]()
     with torch.device("meta"):
         model = UNet(cfg)
     model = random_init_(model.half().to_empty(device=device), seed=0)
@@ -80,7 +81,7 @@ def child(side: str, layout: str, path: str, folder: str, dtype: str, device: st
     with PeakMemory("cpu") as mem:
         start = time.perf_counter()
         if side == "ours":
-            model = minsdxl.loading.load_unet(path if layout == "single" else folder, dtype=dt, device=device)
+            model = minsdxl.loading.load_unet(path if layout == "single" else folder, dtype=dt, device=device, expect="any")
         elif layout == "single":
             model = diffusers.UNet2DConditionModel.from_single_file(path, config=folder, subfolder="unet", torch_dtype=dt)
         else:
@@ -96,7 +97,7 @@ def child(side: str, layout: str, path: str, folder: str, dtype: str, device: st
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", choices=["tiny", "base"], default="base")
+    p.add_argument("--config", choices=["tiny", "base", "refiner"], default="base")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="cpu", help="where the UNet goes: cpu, or cuda (each side's peak VRAM too)")

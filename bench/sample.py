@@ -6,9 +6,19 @@ weight tensors. Same prompt, seed, sampler (Euler), steps and guidance. Measures
 its own subprocess; CUDA: torch.cuda.max_memory_allocated). Also prints the largest difference
 between the two sides' final latents, which should be ~0.
 
+With --refiner, base + refiner as diffusers documents the "ensemble of experts": its
+StableDiffusionXLPipeline(denoising_end=0.8, output_type="latent") then StableDiffusionXLImg2ImgPipeline
+(denoising_start=0.8) on those latents, against our generate(..., refiner=, refiner_start=0.8). The
+refiner's text encoder is the base's text_encoder_2 object on both sides (as diffusers' example
+shares it; the official refiner's OpenCLIP bigG is the base's), its UNet a random refiner UNet whose
+weight tensors both sides share. The figures are for the whole image: base steps, refiner steps,
+decode.
+
     python bench/sample.py --config tiny --size 256 --steps 10 --repeats 3
+    python bench/sample.py --config tiny --size 64 --steps 5 --repeats 1 --refiner       # dry run
     python bench/sample.py --config base --size 256 --steps 4 --repeats 2              # 2.6B UNet, CPU fp32
     python bench/sample.py --config base --size 1024 --steps 30 --dtype bf16 --device cuda
+    python bench/sample.py --config base --size 1024 --steps 30 --dtype bf16 --device cuda --refiner
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from minsdxl.tiny import write_tiny_pipeline  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROMPT, NEGATIVE, GUIDANCE, SEED = "a photo of a corgi on a beach", "blurry", 5.0, 0
+REFINER_START = 0.8  # diffusers' documented high_noise_frac
 
 
 def base_pipeline(tokenizer_dir: str):
@@ -56,39 +67,73 @@ def base_pipeline(tokenizer_dir: str):
     return StableDiffusionXLPipeline(tokenizer=tok1, tokenizer_2=tok2, scheduler=scheduler, **parts)
 
 
+def refiner_pipeline(base, tmp: str, config: str):
+    """The refiner over the base's VAE and text_encoder_2 (the same objects), with a random refiner UNet."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+    if config == "tiny":  # minsdxl.tiny's refiner: its text encoder 2 is the tiny base's, weight for weight
+        unet = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+            str(write_tiny_pipeline(os.path.join(tmp, "tiny-refiner"), refiner=True))).unet
+    else:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**UNetConfig.sdxl_refiner().to_diffusers_config())
+        unet = random_init_(unet.to_empty(device="cpu"), seed=4)
+    return StableDiffusionXLImg2ImgPipeline(vae=base.vae, text_encoder=None, text_encoder_2=base.text_encoder_2,
+                                            tokenizer=None, tokenizer_2=base.tokenizer_2, unet=unet,
+                                            scheduler=base.scheduler, requires_aesthetics_score=True,
+                                            force_zeros_for_empty_prompt=False)
+
+
+def ours_of(pipe, aesthetic_score: bool) -> Models:
+    """Our UNet over the pipeline's UNet's weight tensors (no copy), beside its other components."""
+    cfg = UNetConfig.from_diffusers_config(dict(pipe.unet.config), aesthetic_score)
+    with torch.device("meta"):
+        unet = UNet(cfg)
+    unet.load_state_dict(pipe.unet.state_dict(), strict=True, assign=True)  # the same tensors
+    encoders = [(te, tok) for te, tok in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2))
+                if te is not None]
+    return Models(unet.eval(), pipe.vae, tuple(te for te, _ in encoders), tuple(tok for _, tok in encoders))
+
+
 def build(args, tmp: str, sides=("reference", "ours")):
-    """The diffusers pipeline and our Models over the same components."""
+    """The diffusers pipelines (base, and the refiner or None) and our Models (the same) over the same components."""
     from diffusers import StableDiffusionXLPipeline
 
     tiny_dir = write_tiny_pipeline(os.path.join(tmp, "tiny"))
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_dir)) if args.config == "tiny" else base_pipeline(str(tiny_dir))
-    pipe.set_progress_bar_config(disable=True)
+    refiner = refiner_pipeline(pipe, tmp, args.config) if args.refiner else None
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
-    pipe.to(device, dtype)
-    cfg = UNetConfig.from_diffusers_config(dict(pipe.unet.config))
-    models = None
-    if "ours" in sides:
-        with torch.device("meta"):
-            unet = UNet(cfg)
-        unet.load_state_dict(pipe.unet.state_dict(), strict=True, assign=True)  # the same tensors
-        models = Models(unet.eval(), pipe.vae, (pipe.text_encoder, pipe.text_encoder_2), (pipe.tokenizer, pipe.tokenizer_2))
+    for p in (pipe, refiner):
+        if p is not None:
+            p.set_progress_bar_config(disable=True)
+            p.to(device, dtype)
+    models = ours_of(pipe, False) if "ours" in sides else None
+    refiner_models = ours_of(refiner, True) if "ours" in sides and refiner is not None else None
     if "reference" not in sides:
         pipe.unet = None
-    return pipe, models
+        if refiner is not None:
+            refiner.unet = None
+    return (pipe, refiner), (models, refiner_models)
 
 
-def runners(args, pipe, models):
+def runners(args, pipes, models):
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
+    (pipe, refiner), (base_models, refiner_models) = pipes, models
+    common = dict(num_inference_steps=args.steps, guidance_scale=GUIDANCE)
 
     def reference(output_type="pil"):
-        return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps, guidance_scale=GUIDANCE,
-                    width=args.size, height=args.size, generator=torch.Generator().manual_seed(SEED),
-                    output_type=output_type).images
+        if refiner is None:
+            return pipe(PROMPT, negative_prompt=NEGATIVE, width=args.size, height=args.size, output_type=output_type,
+                        generator=torch.Generator().manual_seed(SEED), **common).images
+        latents = pipe(PROMPT, negative_prompt=NEGATIVE, width=args.size, height=args.size, output_type="latent",
+                       denoising_end=REFINER_START, generator=torch.Generator().manual_seed(SEED), **common).images
+        return refiner(PROMPT, negative_prompt=NEGATIVE, image=latents, denoising_start=REFINER_START,
+                       output_type=output_type, generator=torch.Generator().manual_seed(SEED), **common).images
 
     def ours(return_latents=False):
-        return generate(models, [PROMPT], [NEGATIVE], steps=args.steps, guidance_scale=GUIDANCE, sampler="euler",
+        return generate(base_models, [PROMPT], [NEGATIVE], steps=args.steps, guidance_scale=GUIDANCE, sampler="euler",
                         seed=SEED, width=args.size, height=args.size, device=device, dtype=dtype,
-                        return_latents=return_latents)
+                        return_latents=return_latents, refiner=refiner_models, refiner_start=REFINER_START)
 
     return {"reference": reference, "ours": ours}
 
@@ -97,17 +142,19 @@ def main(args):
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         if args.memory_only:  # child: build one side only, generate one image, print the peak of a second
-            pipe, models = build(args, tmp, sides=(args.memory_only,))
-            run = runners(args, pipe, models)[args.memory_only]
+            pipes, models = build(args, tmp, sides=(args.memory_only,))
+            run = runners(args, pipes, models)[args.memory_only]
             run()  # first-call costs (lazy imports, allocator and library set-up) are not an image's working memory
             with PeakMemory(args.device) as mem:
                 run()
             print(json.dumps({"peak": mem.peak}))
             return
-        pipe, models = build(args, tmp)
-        run = runners(args, pipe, models)
+        pipes, models = build(args, tmp)
+        run = runners(args, pipes, models)
         with torch.no_grad():
-            latent_diff = (run["ours"](return_latents=True).float() - run["reference"]("latent").float()).abs().max()
+            ref_latents = run["reference"]("latent").float()
+            latent_diff = (run["ours"](return_latents=True).float() - ref_latents).abs().max()
+            latent_scale = ref_latents.abs().max()
         times = time_alternating(run, args.repeats, args.device)
         rows = [("seconds per image", times["reference"], times["ours"], "s")]
         if torch.device(args.device).type == "cuda":
@@ -117,12 +164,14 @@ def main(args):
                     fn()
                 peaks[side] = mem.peak
         else:
-            del pipe, models, run
+            del pipes, models, run
             gc.collect()  # the pipeline holds reference cycles: free its 14 GB before the children load theirs
             peaks = {side: run_child(__file__, "--memory-only", side)["peak"] for side in ("reference", "ours")}
     rows.append(("peak memory above weights", peaks["reference"], peaks["ours"], "bytes"))
-    print_table(f"generation, {args.config}, {args.size}x{args.size}, {args.steps} Euler steps, CFG {GUIDANCE}, "
-                f"{args.dtype}, {args.repeats} repeats, {device_name(args.device)}; max |latents ours - ref| = {latent_diff:.2e}", rows)
+    what = f"base + refiner from {REFINER_START}" if args.refiner else "generation"
+    print_table(f"{what}, {args.config}, {args.size}x{args.size}, {args.steps} Euler steps, CFG {GUIDANCE}, "
+                f"{args.dtype}, {args.repeats} repeats, {device_name(args.device)}; max |latents ours - ref| = {latent_diff:.2e} "
+                f"({latent_diff / latent_scale:.1e} of max |ref|)", rows)
 
 
 def parse_args(argv=None):
@@ -133,6 +182,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--refiner", action="store_true", help="base + refiner (ensemble of experts, refiner from 0.8)")
     p.add_argument("--memory-only", choices=["reference", "ours"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

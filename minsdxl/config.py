@@ -1,9 +1,15 @@
-"""The UNet's configuration: one dataclass, two presets, and the bridge from diffusers' config.json.
+"""The UNet's configuration: one dataclass, its presets, and the bridge from diffusers' config.json.
 
 SDXL's UNet is described in Podell et al., "SDXL: Improving Latent Diffusion Models for
-High-Resolution Image Synthesis" (2023), section 2.1. The numbers below are those of
-`stabilityai/stable-diffusion-xl-base-1.0` (see ../shared/SDXL_FACTS.md); diffusers describes the
-same network in `unet/config.json`, which `UNetConfig.from_diffusers_config` reads.
+High-Resolution Image Synthesis" (2023), section 2.1 (the base) and 2.5 (the refiner). The defaults
+below are those of `stabilityai/stable-diffusion-xl-base-1.0`; `sdxl_refiner()` gives
+`stabilityai/stable-diffusion-xl-refiner-1.0` (see ../shared/SDXL_FACTS.md). diffusers describes the
+same networks in `unet/config.json`, which `UNetConfig.from_diffusers_config` reads.
+
+The two models differ in what conditions them besides the text. Both add a vector of "time ids",
+each turned into sinusoidal features, to the timestep embedding: the base takes six (original size,
+crop corner, target size), the refiner five (original size, crop corner, and an aesthetic score in
+place of the target size). `UNetConfig.time_ids` names them; generation builds them from it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,12 @@ from dataclasses import asdict, dataclass, field
 
 class ConfigError(ValueError):
     """A config that this UNet cannot represent; the message names the field."""
+
+
+# What the added conditioning's time ids are, in the order the model reads them (SGM's conditioner
+# embedders: original_size_as_tuple, crop_coords_top_left, then target_size_as_tuple or aesthetic_score).
+BASE_TIME_IDS = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width")
+REFINER_TIME_IDS = ("original_height", "original_width", "crop_top", "crop_left", "aesthetic_score")
 
 
 @dataclass
@@ -29,19 +41,24 @@ class UNetConfig:
     num_heads: tuple[int, ...] = (5, 10, 20)  # attention heads per level (head dim = channels / heads = 64)
     cross_attention_dim: int = 2048  # text tokens: 768 (CLIP ViT-L) + 1280 (OpenCLIP ViT-bigG) features
     pooled_text_dim: int = 1280  # pooled, projected output of text encoder 2
-    addition_time_embed_dim: int = 256  # sinusoidal features per time id (original size, crop, target size)
-    num_time_ids: int = 6  # (orig_h, orig_w, crop_top, crop_left, target_h, target_w)
+    addition_time_embed_dim: int = 256  # sinusoidal features per time id
+    time_ids: tuple[str, ...] = BASE_TIME_IDS  # the time ids it takes, in order: BASE_TIME_IDS or REFINER_TIME_IDS
     norm_num_groups: int = 32  # GroupNorm groups in resnets and before each transformer
     norm_eps: float = 1e-5  # GroupNorm eps in resnets and LayerNorm eps in transformer blocks
 
     # Derived in __post_init__ (not constructor arguments).
     time_embed_dim: int = field(init=False)  # 4 x base channels = 1280: the vector every resnet receives
-    adm_in_channels: int = field(init=False)  # 2816 = 1280 pooled text + 6 x 256 time-id features
+    num_time_ids: int = field(init=False)  # 6 (base) or 5 (refiner)
+    adm_in_channels: int = field(init=False)  # 2816 = 1280 pooled text + 6 x 256 time-id features (refiner: 1280 + 5 x 256 = 2560)
 
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
         self.transformer_depth = tuple(self.transformer_depth)
         self.num_heads = tuple(self.num_heads)
+        self.time_ids = tuple(self.time_ids)
+        if self.time_ids not in (BASE_TIME_IDS, REFINER_TIME_IDS):
+            raise ConfigError(f"time_ids is {self.time_ids}; minsdxl knows SDXL base's {BASE_TIME_IDS} and the "
+                              f"refiner's {REFINER_TIME_IDS}")
         levels = len(self.block_out_channels)
         for name in ("transformer_depth", "num_heads"):
             if len(getattr(self, name)) != levels:
@@ -52,7 +69,13 @@ class UNetConfig:
             if (depth > 0 or level == levels - 1) and channels % heads:
                 raise ConfigError(f"block_out_channels[{level}]={channels} is not divisible by num_heads[{level}]={heads}")
         self.time_embed_dim = 4 * self.block_out_channels[0]
+        self.num_time_ids = len(self.time_ids)
         self.adm_in_channels = self.pooled_text_dim + self.num_time_ids * self.addition_time_embed_dim
+
+    @property
+    def takes_aesthetic_score(self) -> bool:
+        """True for the refiner: its last time id is an aesthetic score, not the target size."""
+        return self.time_ids == REFINER_TIME_IDS
 
     # ---------------------------------------------------------------------------------------- presets
 
@@ -60,6 +83,22 @@ class UNetConfig:
     def sdxl_base(cls) -> "UNetConfig":
         """stabilityai/stable-diffusion-xl-base-1.0: 2,567,463,684 parameters."""
         return cls()
+
+    @classmethod
+    def sdxl_refiner(cls) -> "UNetConfig":
+        """stabilityai/stable-diffusion-xl-refiner-1.0: 2,259,526,660 parameters.
+
+        Where it differs from the base: four levels, wider (384 base channels) and with no attention at
+        either end; 4 transformer blocks wherever there is attention; text from OpenCLIP bigG alone (its
+        penultimate layer, 1280 wide); an aesthetic score instead of the target size."""
+        return cls(
+            block_out_channels=(384, 768, 1536, 1536),
+            transformer_depth=(0, 4, 4, 0),
+            mid_transformer_depth=4,
+            num_heads=(6, 12, 24, 24),  # head dim 64 everywhere, as in the base
+            cross_attention_dim=1280,  # OpenCLIP ViT-bigG only: the refiner has no CLIP ViT-L
+            time_ids=REFINER_TIME_IDS,  # 2560 = 1280 pooled text + 5 x 256
+        )
 
     @classmethod
     def tiny(cls) -> "UNetConfig":
@@ -75,11 +114,30 @@ class UNetConfig:
             norm_num_groups=8,
         )
 
+    @classmethod
+    def tiny_refiner(cls) -> "UNetConfig":
+        """The refiner's topology (4 levels, attention on the middle two, one text encoder, the aesthetic
+        score) at 3.13M parameters, for minsdxl.tiny's refiner."""
+        return cls(
+            block_out_channels=(32, 64, 64, 64),
+            transformer_depth=(0, 1, 1, 0),
+            mid_transformer_depth=1,
+            num_heads=(2, 2, 2, 2),
+            cross_attention_dim=32,  # the tiny text encoder 2 alone
+            pooled_text_dim=32,
+            addition_time_embed_dim=8,
+            time_ids=REFINER_TIME_IDS,
+            norm_num_groups=8,
+        )
+
     # ------------------------------------------------------------------------- diffusers config.json
 
     @classmethod
-    def from_diffusers_config(cls, d: dict) -> "UNetConfig":
+    def from_diffusers_config(cls, d: dict, aesthetic_score: bool | None = None) -> "UNetConfig":
         """Read a diffusers `UNet2DConditionModel` config (unet/config.json) of the SDXL family.
+
+        `aesthetic_score`: whether the model takes the refiner's time ids, as the pipeline's
+        model_index.json says (`requires_aesthetics_score`); when None, `time_ids_from_widths` decides.
 
         Raises ConfigError naming the field when the config describes something this UNet does not
         implement (SD 1.x/2.x conditioning, class embeddings, other block types, ...).
@@ -136,11 +194,15 @@ class UNetConfig:
         proj_dim = d.get("projection_class_embeddings_input_dim")
         if not time_dim or not proj_dim:
             raise ConfigError("unet config needs 'addition_time_embed_dim' and 'projection_class_embeddings_input_dim' (SDXL's size conditioning)")
-        pooled = proj_dim - cls.num_time_ids * time_dim
+        if aesthetic_score is None:
+            time_ids = time_ids_from_widths(proj_dim, time_dim, cross)
+        else:
+            time_ids = REFINER_TIME_IDS if aesthetic_score else BASE_TIME_IDS
+        pooled = proj_dim - len(time_ids) * time_dim
         if pooled <= 0:
             raise ConfigError(
                 f"unet config: projection_class_embeddings_input_dim={proj_dim} leaves no room for the pooled text "
-                f"after {cls.num_time_ids} time ids x addition_time_embed_dim={time_dim}"
+                f"after {len(time_ids)} time ids x addition_time_embed_dim={time_dim}"
             )
         if d.get("norm_num_groups") is None and "norm_num_groups" in d:
             raise ConfigError("unet config field 'norm_num_groups' is null; minsdxl needs GroupNorm")
@@ -155,12 +217,14 @@ class UNetConfig:
             cross_attention_dim=cross,
             pooled_text_dim=pooled,
             addition_time_embed_dim=time_dim,
+            time_ids=time_ids,
             norm_num_groups=d.get("norm_num_groups", 32),
             norm_eps=d.get("norm_eps", 1e-5),
         )
 
     def to_diffusers_config(self) -> dict:
-        """The same network as a diffusers `UNet2DConditionModel` config dict (for tests and saving)."""
+        """The same network as a diffusers `UNet2DConditionModel` config dict (for tests and saving). Which
+        time ids it takes is not in it (diffusers keeps that in the pipeline's model_index.json)."""
         has_attention = [n > 0 for n in self.transformer_depth]
         # diffusers has one depth list: levels without attention ignore their entry, and the mid
         # block takes the deepest level's entry, so that entry must equal the mid depth.
@@ -187,6 +251,20 @@ class UNetConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def time_ids_from_widths(adm_in_channels: int, addition_time_embed_dim: int, cross_attention_dim: int) -> tuple[str, ...]:
+    """Which time ids a UNet takes, when only its widths are known (a diffusers config without its
+    pipeline's model_index.json, or a bare state dict).
+
+    The added conditioning is pooled text + ids x features, and the split is not in the widths alone:
+    the refiner's 2560 could be 1280 + 5 x 256 or 1024 + 6 x 256. What tells them apart is the text:
+    the refiner's comes from OpenCLIP bigG alone, so its pooled vector is as wide as its context
+    (1280 + 5 x 256 with context 1280); the base's context adds CLIP ViT-L's 768 features to bigG's
+    (1280 + 6 x 256 with context 2048). The tiny models of minsdxl.tiny follow the same rule."""
+    if adm_in_channels - len(REFINER_TIME_IDS) * addition_time_embed_dim == cross_attention_dim:
+        return REFINER_TIME_IDS
+    return BASE_TIME_IDS
 
 
 # diffusers config fields that select features minsdxl does not implement: the allowed values

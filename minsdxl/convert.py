@@ -22,11 +22,12 @@ import re
 
 import torch
 
-from .config import UNetConfig
+from .config import UNetConfig, time_ids_from_widths
 
 SGM_UNET_PREFIX = "model.diffusion_model."
 SGM_TE1_PREFIX = "conditioner.embedders.0.transformer."
 SGM_TE2_PREFIX = "conditioner.embedders.1.model."
+SGM_REFINER_TE2_PREFIX = "conditioner.embedders.0.model."  # the refiner's only text encoder, OpenCLIP bigG
 SGM_VAE_PREFIX = "first_stage_model."
 
 # Modules outside the down/mid/up blocks: (SGM, diffusers).
@@ -163,9 +164,10 @@ def infer_unet_config(sd: dict) -> UNetConfig:
 
     Shapes give channels, levels, depths and the text dims. They do not give the head count, the
     GroupNorm group count or the split of the added conditioning into pooled text and time ids:
-    for those we take SDXL's choices (head dim 64, 32 groups, 6 time ids x 256 features), which
-    is why a file written with another choice should carry its config (a diffusers config.json,
-    or the `minsdxl.unet_config` metadata our tiny files have)."""
+    for those we take SDXL's choices (head dim 64, 32 groups, 256 features per time id, and the
+    base's 6 or the refiner's 5 ids by `time_ids_from_widths`), which is why a file written with
+    another choice should carry its config (a diffusers config.json, or the `minsdxl.configs`
+    metadata our tiny files have)."""
     levels, n, attention = diffusers_structure(sd)
     channels = tuple(sd[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels))
     depth = tuple(len(_indices(sd, rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\.")) for i in range(levels))
@@ -173,13 +175,14 @@ def infer_unet_config(sd: dict) -> UNetConfig:
     to_k = [v for k, v in sd.items() if k.endswith("attn2.to_k.weight")]
     if "add_embedding.linear_1.weight" not in sd or not to_k:
         raise ConversionError("no added (size) conditioning or no cross-attention: not an SDXL-family UNet")
-    adm = sd["add_embedding.linear_1.weight"].shape[1]
+    adm, cross = sd["add_embedding.linear_1.weight"].shape[1], to_k[0].shape[1]
+    time_ids = time_ids_from_widths(adm, 256, cross)
     return UNetConfig(
         in_channels=sd["conv_in.weight"].shape[1], out_channels=sd["conv_out.weight"].shape[0],
         block_out_channels=channels, layers_per_block=n, transformer_depth=depth,
         mid_transformer_depth=mid_depth, num_heads=tuple(max(1, c // 64) for c in channels),
-        cross_attention_dim=to_k[0].shape[1], pooled_text_dim=adm - 6 * 256, addition_time_embed_dim=256,
-        norm_num_groups=32,
+        cross_attention_dim=cross, pooled_text_dim=adm - len(time_ids) * 256, addition_time_embed_dim=256,
+        time_ids=time_ids, norm_num_groups=32,
     )
 
 

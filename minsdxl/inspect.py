@@ -2,6 +2,7 @@
 safetensors headers alone (no tensor is read, so a 7 GB file takes milliseconds).
 
     python -m minsdxl.inspect sd_xl_base_1.0.safetensors      # the single file: UNet, 2 text encoders, VAE
+    python -m minsdxl.inspect sd_xl_refiner_1.0.safetensors   # the refiner's: UNet, 1 text encoder, VAE
     python -m minsdxl.inspect path/to/diffusers/pipeline       # every .safetensors under a folder
     python -m minsdxl.inspect out/lora_kohya.safetensors       # a LoRA: format, modules, ranks
 
@@ -16,13 +17,15 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from .convert import SGM_TE1_PREFIX, SGM_TE2_PREFIX, SGM_UNET_PREFIX, SGM_VAE_PREFIX
+from .convert import SGM_REFINER_TE2_PREFIX, SGM_TE1_PREFIX, SGM_TE2_PREFIX, SGM_UNET_PREFIX, SGM_VAE_PREFIX
 from .loading import LoadError, read_header
 
 BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
          "F8_E4M3": 1, "F8_E5M2": 1}
 SGM_COMPONENTS = [(SGM_UNET_PREFIX, "UNet (SGM names)"), (SGM_TE1_PREFIX, "text encoder 1, CLIP ViT-L (transformers names)"),
-                  (SGM_TE2_PREFIX, "text encoder 2, OpenCLIP ViT-bigG (OpenCLIP names)"), (SGM_VAE_PREFIX, "VAE (SGM names)")]
+                  (SGM_TE2_PREFIX, "text encoder 2, OpenCLIP ViT-bigG (OpenCLIP names)"),
+                  (SGM_REFINER_TE2_PREFIX, "text encoder (refiner), OpenCLIP bigG (OpenCLIP names)"),
+                  (SGM_VAE_PREFIX, "VAE (SGM names)")]
 LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight")
 
 
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{f}  ({f.stat().st_size / 2**20:,.1f} MiB)  {lora_ranks(f)}")
         for name, tensors, params, dtypes, nbytes in sorted(rows, key=lambda r: -r[2]):
             kinds = ", ".join(f"{d} x{c}" for d, c in sorted(dtypes.items()))
-            print(f"  {name:<52} {tensors:>6} tensors {params:>15,} parameters {nbytes / 2**20:>10,.1f} MiB  {kinds}")
+            print(f"  {name:<54} {tensors:>6} tensors {params:>15,} parameters {nbytes / 2**20:>10,.1f} MiB  {kinds}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
 """Load SDXL weights from either official layout, a Hub repo, or a fine-tune: UNet, text encoders, VAE.
 
+The base and the refiner load the same way; `load_unet(..., expect=)` says which one the caller
+needs, and a model of the other kind is refused by name. The refiner's pipeline has one text
+encoder (OpenCLIP bigG: `text_encoder_2/` in diffusers' layout, `conditioner.embedders.0.model.*` in
+its single file), so `load_text_encoders` and `load_tokenizers` return one of each for it.
+
 Sources `load_unet` accepts:
-  1. Stability's single file (`sd_xl_base_1.0.safetensors`: `model.diffusion_model.*` beside the
-     other components, SGM names) or a bare SGM UNet state dict;
+  1. Stability's single file (`sd_xl_base_1.0.safetensors`, `sd_xl_refiner_1.0.safetensors`:
+     `model.diffusion_model.*` beside the other components, SGM names) or a bare SGM UNet state dict;
   2. a diffusers UNet file or folder (`diffusion_pytorch_model[.fp16].safetensors`, or shards with
      `diffusion_pytorch_model.safetensors.index.json`; `config.json` beside it is read);
   3. a diffusers pipeline folder (its `unet/`);
@@ -341,36 +346,65 @@ def _component_dir(source: str, sub: str, files: list[str], variant: str | None,
 
 # --- UNet ---------------------------------------------------------------------------------------
 
-def _check_sdxl_base(cfg: UNetConfig, where: str) -> None:
-    if cfg.cross_attention_dim == 1280 and cfg.adm_in_channels == 2560:
-        raise LoadError(f"{where}: not an SDXL base UNet: found the SDXL refiner (cross-attention dim 1280, "
-                        f"{cfg.block_out_channels} channels, 5 time ids with the aesthetic score). Load the base model.")
+UNET_KINDS = ("base", "refiner", "any")
 
 
-def _refuse_non_sdxl(names: set[str], shapes: dict, where: str) -> None:
+def _describe(cfg: UNetConfig) -> str:
+    if cfg.takes_aesthetic_score:
+        return (f"the SDXL refiner (5 time ids with the aesthetic score, text from OpenCLIP bigG alone: "
+                f"cross-attention dim {cfg.cross_attention_dim}, channels {cfg.block_out_channels})")
+    return (f"an SDXL base model (6 time ids with the target size, cross-attention dim {cfg.cross_attention_dim}, "
+            f"channels {cfg.block_out_channels})")
+
+
+def _check_kind(cfg: UNetConfig, expect: str, where: str) -> None:
+    """The base given where the refiner is needed, or the other way round, is refused by name."""
+    if expect == "base" and cfg.takes_aesthetic_score:
+        raise LoadError(f"{where}: not an SDXL base UNet: found {_describe(cfg)}. The refiner finishes what a base "
+                        f"model started (sample.py --refiner); load a base model here.")
+    if expect == "refiner" and not cfg.takes_aesthetic_score:
+        raise LoadError(f"{where}: not an SDXL refiner UNet: found {_describe(cfg)}. Load it as the base model; the "
+                        f"refiner is stabilityai/stable-diffusion-xl-refiner-1.0 (or a fine-tune of it).")
+
+
+def _refuse_non_sdxl(names: set[str], shapes: dict, where: str, expect: str) -> None:
     """SD 1.x/2.x and other UNets have no added size conditioning (label_emb / add_embedding)."""
     if not any(k.startswith(("label_emb.", "add_embedding.")) for k in names):
         ctx = [s[1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight")]
         guess = {768: "SD 1.x", 1024: "SD 2.x"}.get(ctx[0] if ctx else None, "an unknown model")
-        raise LoadError(f"{where}: not an SDXL base UNet: no size conditioning (label_emb/add_embedding) and "
-                        f"cross-attention dim {ctx[0] if ctx else 'none'}, which looks like {guess}.")
+        raise LoadError(f"{where}: not an SDXL {'refiner' if expect == 'refiner' else 'base'} UNet: no size "
+                        f"conditioning (label_emb/add_embedding) and cross-attention dim {ctx[0] if ctx else 'none'}, "
+                        f"which looks like {guess}.")
+
+
+def _requires_aesthetics_score(unet_folder: Path) -> bool | None:
+    """What the pipeline's model_index.json beside unet/ says (`requires_aesthetics_score`: true in the
+    refiner's), or None where it says nothing (the base's has no such key) or is absent."""
+    index = unet_folder.parent / "model_index.json"
+    return json.loads(index.read_text()).get("requires_aesthetics_score") if index.is_file() else None
 
 
 def load_unet(source: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu", variant: str | None = None,
-              revision: str | None = None, cache_dir: str | None = None) -> UNet:
+              revision: str | None = None, cache_dir: str | None = None, expect: str = "base") -> UNet:
     """Our UNet with the weights of `source` (see the module docstring for the accepted sources);
-    `revision` and `cache_dir` are for Hub repo ids."""
+    `revision` and `cache_dir` are for Hub repo ids. `expect`: "base" (the default: training and
+    generation start from a base model), "refiner", or "any"; a UNet of the other kind is a LoadError
+    that says what it is."""
+    if expect not in UNET_KINDS:
+        raise ValueError(f"expect must be one of {UNET_KINDS}, got {expect!r}")
     source = str(source)
     folder = _component_dir(source, "unet", ["config.json"], variant, _hub(revision, cache_dir))
-    config = None
+    config, aesthetic_score = None, None
     if folder is not None:
         files = _weights_in(folder, "diffusion_pytorch_model", variant)
         if (folder / "config.json").is_file():
             config = json.loads((folder / "config.json").read_text())
+            aesthetic_score = _requires_aesthetics_score(folder)
     else:
         files = [Path(source)]
         if (Path(source).parent / "config.json").is_file() and Path(source).name.startswith("diffusion_pytorch_model"):
             config = json.loads((Path(source).parent / "config.json").read_text())
+            aesthetic_score = _requires_aesthetics_score(Path(source).parent)
     src = TensorSource(files)
     where = str(files[0].parent if len(files) > 1 else files[0])
 
@@ -383,29 +417,31 @@ def load_unet(source: str | os.PathLike, dtype: torch.dtype = torch.float32, dev
     else:
         sgm = None
     if sgm is not None:
-        _refuse_non_sdxl(set(sgm), {k: src.shapes[v] for k, v in sgm.items()}, where)
+        _refuse_non_sdxl(set(sgm), {k: src.shapes[v] for k, v in sgm.items()}, where, expect)
         try:
             names = {diff: sgm[k] for k, diff in convert.sgm_names_to_diffusers(sgm).items()}
         except convert.ConversionError as e:
             raise LoadError(f"{where}: {e}") from None
     elif "conv_in.weight" in keys or any(k.startswith("down_blocks.") for k in keys):
-        _refuse_non_sdxl(keys, src.shapes, where)
+        _refuse_non_sdxl(keys, src.shapes, where, expect)
         names = {k: k for k in keys}
     else:
         raise LoadError(f"{where}: no UNet weights found (neither `model.diffusion_model.*`, SGM nor diffusers "
                         f"UNet names); first keys: {sorted(keys)[:10]}")
 
-    # The config: config.json, our metadata, or inferred from the shapes.
+    # The config: config.json (with model_index.json's word on the time ids), our metadata, or inferred
+    # from the shapes.
     try:
         if config is not None:
-            cfg = UNetConfig.from_diffusers_config(config)
+            cfg = UNetConfig.from_diffusers_config(config, aesthetic_score)
         elif (meta := _metadata_config(src.metadata, "unet")) is not None:
-            cfg = UNetConfig.from_diffusers_config(meta)
+            index = _metadata_config(src.metadata, "model_index") or {}
+            cfg = UNetConfig.from_diffusers_config(meta, index.get("requires_aesthetics_score"))
         else:
             cfg = convert.infer_unet_config({k: _Shape(src.shapes[v]) for k, v in names.items()})
     except (ConfigError, convert.ConversionError) as e:
-        raise LoadError(f"{where}: not an SDXL base UNet: {e}") from None
-    _check_sdxl_base(cfg, where)
+        raise LoadError(f"{where}: not an SDXL {'refiner' if expect == 'refiner' else 'base'} UNet: {e}") from None
+    _check_kind(cfg, expect, where)
     with _gc_paused():
         with _on_meta_without_init():
             model = UNet(cfg)
@@ -423,14 +459,18 @@ class _Shape:
 
 def load_text_encoders(source: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu", variant: str | None = None,
                        revision: str | None = None, cache_dir: str | None = None):
-    """(CLIPTextModel, CLIPTextModelWithProjection) of SDXL, from a pipeline folder, repo id or single file."""
+    """The text encoders of an SDXL pipeline folder, repo id or single file: (CLIPTextModel,
+    CLIPTextModelWithProjection) for the base, (CLIPTextModelWithProjection,) for the refiner, which has
+    only OpenCLIP bigG (no `text_encoder/`; `conditioner.embedders.0.model.*` in its single file)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     source = str(source)
-    models = []
+    models, folder = [], None
     for sub, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
         folder = _component_dir(source, sub, ["config.json"], variant, _hub(revision, cache_dir))
         if folder is None:
-            break
+            break  # a single file
+        if folder.name != sub or not folder.is_dir():
+            continue  # the refiner's pipeline has no text_encoder/
         files = _weights_in(folder, "model", variant)
         src = TensorSource(files)
         config = CLIPTextConfig(**json.loads((folder / "config.json").read_text()))
@@ -438,29 +478,50 @@ def load_text_encoders(source: str | os.PathLike, dtype: torch.dtype = torch.flo
             model = cls(config)
         names = _align_names([k for k in src.where if not k.endswith("position_ids")], model)
         models.append(_materialize(model, names, src, dtype, device, str(folder)).eval().requires_grad_(False))
-    if models:
+    if folder is not None:
+        if not models:
+            raise LoadError(f"{source}: no text_encoder/ or text_encoder_2/ folder: not an SDXL pipeline folder")
         return tuple(models)
 
-    # Single file: text encoder 1 in transformers names under a prefix, text encoder 2 in OpenCLIP names.
+    # Single file: text encoder 1 in transformers names under a prefix, text encoder 2 in OpenCLIP names
+    # (the refiner's file has only the latter, as its embedder 0).
     path = Path(source)
     src = TensorSource([path])
     te1 = {k[len(convert.SGM_TE1_PREFIX):]: k for k in src.where if k.startswith(convert.SGM_TE1_PREFIX) and not k.endswith("position_ids")}
-    te2 = {k[len(convert.SGM_TE2_PREFIX):]: k for k in src.where if k.startswith(convert.SGM_TE2_PREFIX)}
-    if not te1 or not te2:
-        raise LoadError(f"{path}: no text encoders in this file ({convert.SGM_TE1_PREFIX}* and {convert.SGM_TE2_PREFIX}*); "
-                        f"pass the SDXL pipeline folder, repo id or full single file.")
-    shapes1 = {k: _Shape(src.shapes[v]) for k, v in te1.items()}
-    cfg1 = _metadata_config(src.metadata, "text_encoder") or convert.infer_clip_text_config(shapes1, with_projection=False)
+    te2_prefix = convert.SGM_TE2_PREFIX if te1 else convert.SGM_REFINER_TE2_PREFIX
+    te2 = {k[len(te2_prefix):]: k for k in src.where if k.startswith(te2_prefix)}
+    if not te2:
+        raise LoadError(f"{path}: no text encoders in this file (the base's {convert.SGM_TE1_PREFIX}* and "
+                        f"{convert.SGM_TE2_PREFIX}*, or the refiner's {convert.SGM_REFINER_TE2_PREFIX}*); pass the SDXL "
+                        f"pipeline folder, repo id or full single file.")
     te2_state = convert.open_clip_to_transformers({k: src.get(v) for k, v in te2.items()})  # the UNet-sized part is small
     cfg2 = _metadata_config(src.metadata, "text_encoder_2") or convert.infer_clip_text_config(te2_state, with_projection=True)
     with torch.device("meta"):
-        m1, m2 = CLIPTextModel(CLIPTextConfig(**cfg1)), CLIPTextModelWithProjection(CLIPTextConfig(**cfg2))
-    aligned1 = _align_names(list(te1), m1)
-    m1 = _materialize(m1, {k: te1[v] for k, v in aligned1.items()}, src, dtype, device, f"{path} (text encoder 1)")
+        m2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg2))
     aligned2 = _align_names(list(te2_state), m2)
     m2 = _materialize(m2, aligned2, src, dtype, device, f"{path} (text encoder 2)",
                       transform={k: te2_state[v] for k, v in aligned2.items()})
+    if not te1:
+        return (m2.eval().requires_grad_(False),)
+    shapes1 = {k: _Shape(src.shapes[v]) for k, v in te1.items()}
+    cfg1 = _metadata_config(src.metadata, "text_encoder") or convert.infer_clip_text_config(shapes1, with_projection=False)
+    with torch.device("meta"):
+        m1 = CLIPTextModel(CLIPTextConfig(**cfg1))
+    aligned1 = _align_names(list(te1), m1)
+    m1 = _materialize(m1, {k: te1[v] for k, v in aligned1.items()}, src, dtype, device, f"{path} (text encoder 1)")
     return m1.eval().requires_grad_(False), m2.eval().requires_grad_(False)
+
+
+def check_text_encoders(unet: UNet, text_encoders: tuple, where: str) -> None:
+    """The text encoders give what this UNet reads: a context as wide as its cross-attention (the
+    encoders' widths added up) and a pooled vector as wide as its pooled input. Raises LoadError."""
+    cfg = unet.config
+    widths = [te.config.hidden_size for te in text_encoders]
+    pooled = text_encoders[-1].config.projection_dim
+    if sum(widths) != cfg.cross_attention_dim or pooled != cfg.pooled_text_dim:
+        raise LoadError(f"{where}: the text encoders give context {' + '.join(map(str, widths))} = {sum(widths)} and "
+                        f"pooled {pooled} wide, but the UNet reads context {cfg.cross_attention_dim} and pooled "
+                        f"{cfg.pooled_text_dim} ({_describe(cfg)}): they are not from the same model")
 
 
 def _align_names(file_keys: list[str], model) -> dict[str, str]:
@@ -484,22 +545,31 @@ def text_encoder_module_name(path: str) -> str:
 
 
 def load_tokenizers(source: str | os.PathLike, revision: str | None = None, cache_dir: str | None = None):
-    """(tokenizer, tokenizer_2) from a pipeline folder or repo id. A single file has none, so it gets
-    the official two from the files shipped with minsdxl, without any network access."""
+    """(tokenizer, tokenizer_2) from a pipeline folder or repo id; (tokenizer_2,) for the refiner's, which
+    has only the second. A single file has none, so it gets the official ones (two, or the second alone
+    for a refiner's file) from the files shipped with minsdxl, without any network access."""
     from transformers import CLIPTokenizer
     source = str(source)
     if Path(source).is_file():
         # Tokenizer 2 pads with "!", id 0: SDXL was trained with open_clip.tokenize, which pads with zeros.
-        return (CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR)),
-                CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR), pad_token="!"))
+        tokenizer_2 = CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR), pad_token="!")
+        names, _ = read_header(Path(source))
+        if not any(k.startswith(convert.SGM_TE1_PREFIX) for k in names) and \
+                any(k.startswith(convert.SGM_REFINER_TE2_PREFIX) for k in names):
+            return (tokenizer_2,)  # the refiner's file: OpenCLIP bigG alone
+        return CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR)), tokenizer_2
     out = []
     for sub in ("tokenizer", "tokenizer_2"):
         folder = _component_dir(source, sub, ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"], None,
                                 _hub(revision, cache_dir))
+        if folder.name != sub or not folder.is_dir():
+            continue  # the refiner's pipeline has no tokenizer/
         try:
             out.append(CLIPTokenizer.from_pretrained(str(folder)))
         except Exception as e:
             raise LoadError(f"{folder}: could not load the tokenizer ({e})") from None
+    if not out:
+        raise LoadError(f"{source}: no tokenizer/ or tokenizer_2/ folder: not an SDXL pipeline folder")
     return tuple(out)
 
 

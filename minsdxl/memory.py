@@ -30,6 +30,18 @@ buffers; they are what `bench/gpu.sh` measures beside the prediction.
 
 Checked on the CPU (tests/test_memory.py, docs/memory.md): the predicted peak of a real step's live
 tensors against the PyTorch profiler's allocation events of the same step run on real tensors.
+
+`python -m minsdxl.memory sample [sample.py's flags]` predicts generation the same way: sample.py's
+own loaders and `minsdxl.generate` on meta, one image, each stage a phase (with --lowvram only that
+stage's models on the device):
+
+    load              the models sample.py keeps on the device (none with --lowvram)
+    text              the base's text encoders on the prompt and the negative prompt
+    encode image      --init_image: the VAE encoder, in fp32
+    denoise           the base UNet's steps, prompt and negative prompt stacked (classifier-free guidance)
+    refiner: text     --refiner: its text encoder (OpenCLIP bigG)
+    refiner: denoise  --refiner: the refiner's steps on the base's latents
+    decode            the VAE decoder, one image
 """
 
 from __future__ import annotations
@@ -101,9 +113,11 @@ class Tracker(TorchDispatchMode):
     latents, images, LoRA files). Storages of modules placed `on_host` are not counted: in the simulation
     every model is on meta, and this says which ones a real run keeps in CPU memory instead."""
 
-    def __init__(self, device_type: str = "meta", block: int = 1, cpu_conv_scratch: bool = False):
+    def __init__(self, device_type: str = "meta", block: int = 1, cpu_conv_scratch: bool = False,
+                 cpu_conv_forward_scratch: bool = False):
         super().__init__()
         self.device_type, self.block, self.cpu_conv_scratch = device_type, block, cpu_conv_scratch
+        self.cpu_conv_forward_scratch = cpu_conv_forward_scratch
         self.records = WeakIdKeyDictionary()  # storage -> [bytes, kind, counted]
         self.live, self.kind = 0, "other"
         self.live_by_kind: dict[str, int] = defaultdict(int)
@@ -234,6 +248,12 @@ class Tracker(TorchDispatchMode):
             # 1280x1280 3x3 conv at 32x32 allocates 66.25 MiB beyond its outputs, this is 66.25 MiB).
             with self.labelled("CPU kernel scratch"):
                 self.transient(sum(t.numel() * t.element_size() for t in args[:3]))
+        if self.cpu_conv_forward_scratch and func is aten.convolution.default:
+            # Forward, oneDNN reorders the input and the weight the same way (measured: a 320 -> 320 3x3 conv at
+            # 64x64 allocates 8.52 MiB beyond its output, input 5.00 + weight 3.52). Modelled for generation;
+            # in a training step the backward's peak is higher.
+            with self.labelled("CPU kernel scratch"):
+                self.transient(sum(t.numel() * t.element_size() for t in args[:2]))
         return out
 
 
@@ -694,7 +714,7 @@ def _train_steps(train, args, tracker, unet, tes, tokenizers, vae, adapted, trai
                         context, pooled = torch.zeros(B, 77, unet.config.cross_attention_dim), torch.zeros(B, unet.config.pooled_text_dim)
                     if not args.cache_latents:
                         x0 = torch.stack([encode_image(vae, torch.zeros(3, args.resolution, args.resolution)) for _ in range(B)])
-                    time_ids = torch.zeros(B, 6)
+                    time_ids = torch.zeros(B, unet.config.num_time_ids)
                     noise, t = torch.zeros(x0.shape), torch.full((B,), 500)
                     loss, _ = train.batch_loss(unet, sched, x0, noise, t, context, pooled, time_ids, device, weight_dtype,
                                                args.prediction_type or "epsilon", args.snr_gamma)
@@ -880,6 +900,163 @@ def check_memory(plan, free: int, args: argparse.Namespace, log) -> None:
     fail(msg)
 
 
+# --- generation: sample.py ----------------------------------------------------------------------------
+
+def _sample_module():
+    """sample.py: the repository's `sample`, or the installed copy (minsdxl_scripts.sample)."""
+    try:
+        import sample
+    except ModuleNotFoundError as e:
+        if e.name != "sample":  # sample.py is there but needs something missing: say that
+            raise
+        from minsdxl_scripts import sample
+    return sample
+
+
+def _generation_models(args, dtype: torch.dtype, tracker: Tracker):
+    """(base Models, refiner Models or None) as sample.py loads them, on meta: its own loaders for local
+    sources (file headers only), SDXL 1.0's configs for Hub ids; weights counted on the device unless
+    --lowvram keeps them in CPU memory."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from .config import UNetConfig
+    from .fp8 import quantize_fp8
+    from .generate import Models
+    from .loading import CLIP_TOKENIZER_DIR, SDXL_VAE_CONFIG, load_text_encoders, load_tokenizers, load_unet, load_vae, sdxl_text_encoder_configs
+    from .unet import UNet
+
+    def load(source: str | None, expect: str):
+        if source is not None and Path(source).exists():
+            unet = load_unet(source, dtype=dtype, device="meta", variant=args.variant, expect=expect)
+            tes = load_text_encoders(source, dtype=dtype, device="meta", variant=args.variant)
+            return unet, tes, load_tokenizers(source)
+        clip_l, clip_g = sdxl_text_encoder_configs()
+        with torch.device("meta"):
+            unet = UNet(UNetConfig.sdxl_refiner() if expect == "refiner" else UNetConfig.sdxl_base()).to(dtype)
+            tes = (CLIPTextModel(clip_l), CLIPTextModelWithProjection(clip_g))[1 if expect == "refiner" else 0:]
+        tokenizers = (CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR)),
+                      CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR), pad_token="!"))[1 if expect == "refiner" else 0:]
+        return unet, tuple(te.to(dtype).eval() for te in tes), tokenizers
+
+    with tracker.paused():
+        unet, tes, tokenizers = load(args.pretrained_model_name_or_path, "base")
+        vae_source = args.pretrained_vae_model_name_or_path or args.pretrained_model_name_or_path
+        vae_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.vae_dtype]
+        if vae_source is not None and Path(vae_source).exists():
+            vae = load_vae(vae_source, dtype=vae_dtype, device="meta")
+        else:
+            with torch.device("meta"):
+                # (nn.Module.to: diffusers' own .to warns about fp32 modules, which this VAE has none of)
+                vae = torch.nn.Module.to(AutoencoderKL.from_config(SDXL_VAE_CONFIG), vae_dtype).eval()
+        refiner = load(args.refiner, "refiner") if args.refiner else None
+    models = Models(unet, vae, tes, tokenizers)
+    refiner = Models(*refiner[:1], None, *refiner[1:]) if refiner else None
+    for m in [unet, *tes, vae, *([refiner.unet, *refiner.text_encoders] if refiner else [])]:
+        if args.fp8_base and m in (unet, refiner and refiner.unet):
+            quantize_fp8(m, dtype)  # (on meta: the float8 weights and their scales, as sample.py makes them)
+        tracker.register(m, host=args.lowvram)
+    return models, refiner
+
+
+@contextlib.contextmanager
+def _generation_seams(tracker: Tracker, target: str, chosen: dict):
+    """generate's staging of models (--lowvram) as host/device bookkeeping, and SDPA as on `target`."""
+    generate_module = sys.modules["minsdxl.generate"]  # (the package exports the function `generate` under that name)
+    saved = (generate_module._on, F.scaled_dot_product_attention)
+
+    @contextlib.contextmanager
+    def on(module, device, lowvram):
+        if lowvram:
+            tracker.on_host(module, False)
+        try:
+            yield module
+        finally:
+            if lowvram:
+                tracker.on_host(module, True)
+
+    generate_module._on, F.scaled_dot_product_attention = on, attention_model(target, saved[1], chosen)
+    try:
+        yield
+    finally:
+        generate_module._on, F.scaled_dot_product_attention = saved
+
+
+def simulate_sample(args: argparse.Namespace, target: str | None = None) -> Plan:
+    """Predict the device memory of `sample.py` with these (parsed) flags, one image, phase by phase, on
+    `target` ("cuda" by default, or "cpu"). Each denoising step needs the same memory, so each model runs
+    one (2 steps; strength 1 and refiner_start 0.5 where they apply: the step counts are not memory)."""
+    sample = _sample_module()
+    args = copy.copy(args)
+    if not args.demo:
+        return _simulate_sample(sample, args, target)
+    with tempfile.TemporaryDirectory(prefix="minsdxl-memory-") as tmp:  # the tiny demo model, written for the while
+        args.output_dir = tmp
+        sample.apply_demo_defaults(args)
+        return _simulate_sample(sample, args, target)
+
+
+def _simulate_sample(sample, args: argparse.Namespace, target: str | None) -> Plan:
+    from .generate import generate
+    target = target or (torch.device(args.device).type if args.device else "cuda")
+    if target not in ("cuda", "cpu"):
+        raise SimulationError(f"--device {args.device}: the simulator knows CUDA and the CPU")
+    dtype = sample.pick_dtype(args, torch.device(target)) if args.dtype or target == "cpu" else torch.bfloat16
+    width, height = args.width, args.height
+    if args.init_image and Path(args.init_image).is_file() and not {"width", "height"} & getattr(args, "_explicit", set()):
+        from PIL import Image
+        with Image.open(args.init_image) as image:
+            width, height = image.width - image.width % 8, image.height - image.height % 8
+    tracker = Tracker("meta", block=CUDA_BLOCK if target == "cuda" else 1, cpu_conv_forward_scratch=target == "cpu")
+    chosen: dict[str, int] = {}
+    with _generation_seams(tracker, target, chosen), tracker:
+        with tracker.phase("load", "weights"):
+            models, refiner = _generation_models(args, dtype, tracker)
+        init_image = torch.zeros(1, 3, height, width) if args.init_image else None
+        with tracker.labelled("activations"):
+            generate(models, [(args.prompt or ["a photo of a cat"])[0]], [args.negative_prompt], steps=2,
+                     guidance_scale=args.guidance_scale, sampler=args.sampler, karras=args.karras, width=width,
+                     height=height, device=torch.device("meta"), dtype=dtype, lowvram=args.lowvram,
+                     vae_tiling=args.vae_tiling, prediction_type=args.prediction_type, init_image=init_image,
+                     strength=1.0, refiner=refiner, refiner_start=0.5 if args.refiner_start > 0 else 0.0,
+                     meter=_TrackerMeter(tracker))
+    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    title = (f"sample.py: {'demo (tiny)' if args.demo else Path(str(args.pretrained_model_name_or_path or 'SDXL base')).name}"
+             f"{' + refiner ' + Path(str(args.refiner)).name if args.refiner else ''}, {target}, {width}x{height}, "
+             f"{dtype_name}{' + fp8 UNets' if args.fp8_base else ''}{', lowvram' if args.lowvram else ''}"
+             f"{', image to image' if args.init_image else ''}")
+    notes = ["--lora adds its adapter weights to the denoise phase (not modelled)"] if args.lora else []
+    if "math" in chosen and target == "cuda":
+        notes.append("some attention runs SDPA's math kernel, which stores the (B, heads, L, S) scores")
+    return Plan(title, target, tracker.phases, cuda_overheads() if target == "cuda" else [], chosen, notes)
+
+
+def main_sample(argv: list[str]) -> int:
+    """`python -m minsdxl.memory sample [sample.py's flags] [--vram SIZE] [--json]`."""
+    sample = _sample_module()
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--vram")
+    extra.add_argument("--json", action="store_true")
+    ours, rest = extra.parse_known_args(argv)
+    args = sample.parse_args(rest)
+    try:
+        vram = parse_size(ours.vram) if ours.vram else None
+        plan = simulate_sample(args)
+    except (SimulationError, ValueError) as e:
+        sys.exit(f"minsdxl.memory: error: {e}")
+    result = plan.to_json()
+    if vram is not None:
+        result["vram_bytes"], result["fits"] = vram, fits(plan, vram)
+    if ours.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(plan.table())
+    if vram is not None:
+        print(f"\n{'fits' if result['fits'] else 'does NOT fit'} in {vram / GiB:.1f} GiB (predicted peak "
+              f"{plan.peak / GiB:.2f} GiB + {FRAGMENTATION_MARGIN:.0%} kept for the allocator's fragmentation)"
+              + ("" if result["fits"] or args.lowvram else "; --lowvram keeps only the model in use on the GPU"))
+    return 0
+
+
 # --- the command line -------------------------------------------------------------------------------------
 
 # The 12 GB recipe (docs/memory.md): used for these flags when they are not given, unless --train_defaults.
@@ -926,6 +1103,10 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["sample"]:
+        return main_sample(argv[1:])
     args, ours = parse_args(argv)
     try:
         vram = parse_size(ours.vram) if ours.vram else None

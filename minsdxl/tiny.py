@@ -1,6 +1,7 @@
 """A tiny random SDXL pipeline in the official diffusers folder layout, for the demo and the tests.
 
     python -m minsdxl.tiny DIR
+    python -m minsdxl.tiny DIR --refiner --single_file DIR.safetensors   # the refiner, both layouts
 
 writes model_index.json, unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ and
 scheduler/ exactly as stabilityai/stable-diffusion-xl-base-1.0 lays them out, with the same
@@ -9,6 +10,12 @@ and the two CLIP text encoders' widths add up to the UNet's cross-attention widt
 2048 do in SDXL. The tokenizers' small vocabulary (single characters) is written by this code, so
 nothing is downloaded. Everything loads through the same code paths as the real weights, in
 minsdxl and in diffusers' StableDiffusionXLPipeline.
+
+With --refiner it writes the refiner as stabilityai/stable-diffusion-xl-refiner-1.0 lays it out: no
+text_encoder/ or tokenizer/ (OpenCLIP bigG alone), a model_index.json for
+StableDiffusionXLImg2ImgPipeline with `requires_aesthetics_score: true` and
+`force_zeros_for_empty_prompt: false`, and the UNet `UNetConfig.tiny_refiner()`; as a single file,
+its text encoder is `conditioner.embedders.0.model.*`.
 """
 
 from __future__ import annotations
@@ -76,18 +83,38 @@ def tiny_components(seed: int = 0) -> dict:
     return {"unet": unet, "vae": vae, "text_encoder": te1, "text_encoder_2": te2, "scheduler": scheduler}
 
 
-def write_tiny_pipeline(directory: str | Path, seed: int = 0) -> Path:
-    """Write the tiny pipeline to `directory` in the diffusers layout; returns the directory."""
-    from diffusers import StableDiffusionXLPipeline
+def tiny_refiner_components(seed: int = 0) -> dict:
+    """The random models and configs of the tiny refiner: the refiner's topology, one text encoder."""
+    from diffusers import UNet2DConditionModel
+
+    # The tiny base's VAE and text encoder 2, weight for weight (seeded alike): the official refiner shares the
+    # base's VAE and its frozen OpenCLIP bigG.
+    parts = tiny_components(seed)
+    torch.manual_seed(seed + 1)
+    parts["unet"] = UNet2DConditionModel(**UNetConfig.tiny_refiner().to_diffusers_config())
+    del parts["text_encoder"]
+    return parts
+
+
+def write_tiny_pipeline(directory: str | Path, seed: int = 0, refiner: bool = False) -> Path:
+    """Write the tiny pipeline (or, with `refiner`, the tiny refiner) to `directory` in the diffusers
+    layout; returns the directory."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
     directory = Path(directory)
-    parts = tiny_components(seed)
     tmp = directory / ".tokenizers"
     write_tokenizer_files(tmp / "tokenizer", pad_token="<|endoftext|>")
     write_tokenizer_files(tmp / "tokenizer_2", pad_token="!")  # SDXL's second tokenizer pads with "!"
-    pipe = StableDiffusionXLPipeline(tokenizer=CLIPTokenizer.from_pretrained(str(tmp / "tokenizer")),
-                                     tokenizer_2=CLIPTokenizer.from_pretrained(str(tmp / "tokenizer_2")), **parts)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(tmp / "tokenizer_2"))
+    if refiner:
+        # As the official refiner's model_index.json: the aesthetic score, and "" encoded for an empty negative prompt.
+        pipe = StableDiffusionXLImg2ImgPipeline(tokenizer=None, text_encoder=None, tokenizer_2=tokenizer_2,
+                                                requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+                                                **tiny_refiner_components(seed))
+    else:
+        pipe = StableDiffusionXLPipeline(tokenizer=CLIPTokenizer.from_pretrained(str(tmp / "tokenizer")),
+                                         tokenizer_2=tokenizer_2, **tiny_components(seed))
     from transformers.utils import logging as transformers_logging
     transformers_logging.disable_progress_bar()  # its "Writing model shards" bars say nothing about a tiny model
     try:
@@ -96,7 +123,10 @@ def write_tiny_pipeline(directory: str | Path, seed: int = 0) -> Path:
         transformers_logging.enable_progress_bar()
     for sub in ("tokenizer", "tokenizer_2"):  # keep our plain vocab files beside what save_pretrained wrote
         for f in (tmp / sub).iterdir():
-            f.replace(directory / sub / f.name) if not (directory / sub / f.name).exists() else f.unlink()
+            if (directory / sub).is_dir() and not (directory / sub / f.name).exists():
+                f.replace(directory / sub / f.name)
+            else:
+                f.unlink()
         (tmp / sub).rmdir()
     tmp.rmdir()
     return directory
@@ -105,22 +135,29 @@ def write_tiny_pipeline(directory: str | Path, seed: int = 0) -> Path:
 # --- the same model as Stability's single file ----------------------------------------------------
 
 def write_single_file(root, path, with_metadata: bool = True, dtype: torch.dtype = torch.float16) -> dict:
-    """The tiny pipeline as Stability's single file: SGM/OpenCLIP/LDM names under their prefixes, fp16."""
+    """The tiny pipeline (base or refiner) as Stability's single file: SGM/OpenCLIP/LDM names under their
+    prefixes, fp16. The refiner's has no text encoder 1 and its text encoder 2 is embedder 0."""
+    root = Path(root)
+    refiner = not (root / "text_encoder").is_dir()
     unet = load_file(str(root / "unet/diffusion_pytorch_model.safetensors"))
-    te1 = load_file(str(root / "text_encoder/model.safetensors"))
     te2 = load_file(str(root / "text_encoder_2/model.safetensors"))
     vae = load_file(str(root / "vae/diffusion_pytorch_model.safetensors"))
     vae_cfg = json.loads((root / "vae/config.json").read_text())
     sd = {convert.SGM_UNET_PREFIX + k: v for k, v in convert.unet_diffusers_to_sgm(unet).items()}
-    # The official file names text encoder 1's weights `text_model.*` (transformers 5 models drop it).
-    sd.update({convert.SGM_TE1_PREFIX + ("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in te1.items()})
-    sd.update({convert.SGM_TE2_PREFIX + k: v for k, v in transformers_to_open_clip(te2).items()})
+    if not refiner:
+        # The official file names text encoder 1's weights `text_model.*` (transformers 5 models drop it).
+        te1 = load_file(str(root / "text_encoder/model.safetensors"))
+        sd.update({convert.SGM_TE1_PREFIX + ("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in te1.items()})
+    te2_prefix = convert.SGM_REFINER_TE2_PREFIX if refiner else convert.SGM_TE2_PREFIX
+    sd.update({te2_prefix + k: v for k, v in transformers_to_open_clip(te2).items()})
     sd.update({convert.SGM_VAE_PREFIX + k: v for k, v in diffusers_vae_to_ldm(vae, len(vae_cfg["block_out_channels"])).items()})
     metadata = None
     if with_metadata:
         configs = {"unet": json.loads((root / "unet/config.json").read_text()), "vae": vae_cfg,
-                   "text_encoder": json.loads((root / "text_encoder/config.json").read_text()),
-                   "text_encoder_2": json.loads((root / "text_encoder_2/config.json").read_text())}
+                   "text_encoder_2": json.loads((root / "text_encoder_2/config.json").read_text()),
+                   "model_index": json.loads((root / "model_index.json").read_text())}
+        if not refiner:
+            configs["text_encoder"] = json.loads((root / "text_encoder/config.json").read_text())
         metadata = {"minsdxl.configs": json.dumps(configs)}
     save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
     return sd
@@ -131,9 +168,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Write a tiny random SDXL pipeline (diffusers layout).")
     p.add_argument("directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--refiner", action="store_true", help="write a tiny SDXL refiner instead of the base")
     p.add_argument("--single_file", help="also write the model as Stability's single .safetensors file here (fp16)")
     args = p.parse_args(argv)
-    root = write_tiny_pipeline(args.directory, args.seed)
+    root = write_tiny_pipeline(args.directory, args.seed, refiner=args.refiner)
     print(root)
     if args.single_file:
         write_single_file(root, args.single_file)

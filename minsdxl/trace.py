@@ -1,6 +1,7 @@
 """Trace one forward pass of the UNet: every block in the order it runs, with shapes and conditioning.
 
     python -m minsdxl.trace                          # SDXL base at 1024x1024, on the meta device: no weights
+    python -m minsdxl.trace --config sdxl_refiner    # the refiner: four levels, attention on the middle two
     python -m minsdxl.trace --config tiny --resolution 64
     python -m minsdxl.trace --markdown > table.md    # the table in docs/architecture.md
 
@@ -56,7 +57,7 @@ def trace(cfg: UNetConfig, resolution: int = 1024, batch: int = 1, device: str =
         x = torch.zeros(batch, cfg.in_channels, side, side)
         context = torch.zeros(batch, 77, cfg.cross_attention_dim)
         pooled = torch.zeros(batch, cfg.pooled_text_dim)
-        time_ids = torch.zeros(batch, 6)
+        time_ids = torch.zeros(batch, cfg.num_time_ids)  # 6 for the base, 5 for the refiner
     blocks = (TimestepEmbedding, ResnetBlock2D, Transformer2DModel, Downsample2D, Upsample2D)
     steps: list[Step] = []
     hooks = []
@@ -86,12 +87,12 @@ def markdown(steps: list[Step]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", choices=["sdxl_base", "tiny"], default="sdxl_base")
+    p.add_argument("--config", choices=["sdxl_base", "sdxl_refiner", "tiny"], default="sdxl_base")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default 1024; tiny: 64)")
     p.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = p.parse_args(argv)
-    cfg = UNetConfig.sdxl_base() if args.config == "sdxl_base" else UNetConfig.tiny()
-    resolution = args.resolution or (1024 if args.config == "sdxl_base" else 64)
+    cfg = getattr(UNetConfig, args.config)()
+    resolution = args.resolution or (64 if args.config == "tiny" else 1024)
     if resolution % LATENT_FACTOR or resolution <= 0:
         p.error(f"--resolution {resolution} must be a positive multiple of {LATENT_FACTOR} (the VAE's factor: one "
                 f"latent position per {LATENT_FACTOR}x{LATENT_FACTOR} pixels)")
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     total = 0
     side = resolution // LATENT_FACTOR
     print(f"UNet {args.config} at {resolution}x{resolution} pixels = {side}x{side} latents, batch 1")
-    down = 2 ** (len(cfg.block_out_channels) - 1)  # 2x per level but the last: SDXL's 3 levels, 128 -> 64 -> 32
+    down = 2 ** (len(cfg.block_out_channels) - 1)  # 2x per level but the last: SDXL's 3 levels, 128 -> 64 -> 32 (refiner: -> 16)
     if side % down:
         print(f"note: {side} latents is not a multiple of {down} ({LATENT_FACTOR * down} pixels): a "
               f"downsampler rounds an odd side up, and its upsampler resizes back to the skip's size")

@@ -1,13 +1,16 @@
-"""The SDXL UNet, written out in plain PyTorch.
+"""The SDXL UNet, written out in plain PyTorch: the base and the refiner are this one network.
 
 Follows Podell et al., "SDXL" (2023) and, name for name, diffusers' `UNet2DConditionModel`, so
 that a diffusers state dict loads with `load_state_dict(strict=True)`. The official single-file
-checkpoint uses other ("SGM") names; minsdxl.convert maps between the two.
+checkpoint uses other ("SGM") names; minsdxl.convert maps between the two. The refiner is another
+`UNetConfig` (`sdxl_refiner()`): four levels instead of three, attention on the middle two only, 1280
+text features instead of 2048, five time ids instead of six. Comments say where it differs.
 
 Shape letters used in the comments:
     B  batch            C  channels at the current level     H, W  latent height and width
-    L  tokens = H * W   S  text tokens (77)                   D  cross_attention_dim (2048)
-    h  attention heads  d  head dim (64 in SDXL)              E  time embedding width (1280)
+    L  tokens = H * W   S  text tokens (77)                   D  cross_attention_dim (2048; refiner 1280)
+    h  attention heads  d  head dim (64 in SDXL)              E  time embedding width (1280; refiner 1536)
+    n  time ids (6; refiner 5)
 
 The path of one latent through `UNet.forward`:
     time + size conditioning -> emb (B, E), added inside every resnet
@@ -235,7 +238,8 @@ class UpBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """At the lowest resolution: resnet, transformer, resnet."""
+    """At the lowest resolution: resnet, transformer, resnet (in the refiner too, whose deepest level
+    has no attention of its own)."""
 
     def __init__(self, channels: int, heads: int, depth: int, cfg: UNetConfig):
         super().__init__()
@@ -257,6 +261,7 @@ class UNet(nn.Module):
 
         # Conditioning: timestep features (ch[0] = 320 sinusoids) and the "added" vector of pooled
         # text + sinusoidal time ids (2816 = 1280 + 6 x 256), both lifted to E = 1280 and summed.
+        # (Refiner: 384 sinusoids, 2560 = 1280 + 5 x 256, E = 1536.)
         self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim)
         self.add_embedding = TimestepEmbedding(cfg.adm_in_channels, cfg.time_embed_dim)
 
@@ -296,16 +301,20 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
                 pooled_text: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
         """x (B, 4, H, W) noisy latents; t (B,) or scalar timesteps; context (B, S, D) text tokens;
-        pooled_text (B, 1280); time_ids (B, 6). Returns the noise prediction (B, 4, H, W)."""
+        pooled_text (B, 1280); time_ids (B, n), the values named by config.time_ids. Returns the noise
+        prediction (B, 4, H, W)."""
         cfg = self.config
         B = x.shape[0]
+        if time_ids.shape != (B, cfg.num_time_ids):
+            raise ValueError(f"time_ids has shape {tuple(time_ids.shape)}; this UNet takes {cfg.num_time_ids} per "
+                             f"sample: {', '.join(cfg.time_ids)}")
 
         # 1. Time and size conditioning -> emb (B, E)
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(B) if t.ndim == 0 else t  # (B,)
         emb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0]).to(x.dtype))  # (B, E)
-        ids = timestep_embedding(time_ids.flatten(), cfg.addition_time_embed_dim).reshape(B, -1)  # (B, 6 x 256)
-        added = torch.cat([pooled_text.to(ids.dtype), ids], dim=-1).to(x.dtype)  # (B, 2816)
+        ids = timestep_embedding(time_ids.flatten(), cfg.addition_time_embed_dim).reshape(B, -1)  # (B, n x 256)
+        added = torch.cat([pooled_text.to(ids.dtype), ids], dim=-1).to(x.dtype)  # (B, 2816; refiner 2560)
         emb = emb + self.add_embedding(added)
 
         # 2. Down: every resnet/transformer output and every downsample result is kept as a skip.
@@ -321,7 +330,7 @@ class UNet(nn.Module):
                 h = block.downsamplers[0](h)  # (B, C, H/2, W/2)
                 skips.append(h)
 
-        # 3. Mid, at H/4 x W/4 for SDXL
+        # 3. Mid, at H/4 x W/4 for SDXL base (H/8 x W/8 for the refiner, one level deeper)
         h = maybe_checkpoint(self.mid_block.resnets[0], h, emb)
         h = self.mid_block.attentions[0](h, context)
         h = maybe_checkpoint(self.mid_block.resnets[1], h, emb)

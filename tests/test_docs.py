@@ -94,3 +94,7 @@ def test_inspect_names_every_component(tmp_path):
                          "text encoder 2, OpenCLIP ViT-bigG (OpenCLIP names)", "VAE (SGM names)"}
     unet = {name: params for name, _, params, _, _ in summarize(root / "unet" / "diffusion_pytorch_model.safetensors")}
     assert unet == {"unet/ (diffusers names)": rows["UNet (SGM names)"]}
+    refiner = write_tiny_pipeline(tmp_path / "refiner", refiner=True)
+    write_single_file(refiner, tmp_path / "refiner.safetensors")
+    rows = {name for name, _, _, _, _ in summarize(tmp_path / "refiner.safetensors")}
+    assert rows == {"UNet (SGM names)", "text encoder (refiner), OpenCLIP bigG (OpenCLIP names)", "VAE (SGM names)"}

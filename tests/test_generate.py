@@ -1,5 +1,7 @@
 """minsdxl.generate and sample.py on the tiny pipeline: equal to StableDiffusionXLPipeline, LoRAs
-applied (scaled, merged, several), the comparison grid, NaN detection and clear errors."""
+applied (scaled, merged, several), the comparison grid, NaN detection and clear errors. Base + refiner
+equal to StableDiffusionXLPipeline(denoising_end) followed by StableDiffusionXLImg2ImgPipeline
+(denoising_start), and image to image equal to StableDiffusionXLImg2ImgPipeline, on tiny random models."""
 
 import json
 import os
@@ -8,19 +10,20 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, StableDiffusionXLPipeline)
+                       EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline)
 from PIL import Image
 
 import lora
 import sample
 from minsdxl import load_text_encoders, load_tokenizers, load_unet, load_vae
-from minsdxl.generate import GenerationError, Models, generate
+from minsdxl.generate import GenerationError, Models, generate, image_to_tensor
 from minsdxl.lora_files import save_sdxl_lora
 from minsdxl.tiny import write_tiny_pipeline
 from tests.parity import assert_matches_reference
@@ -35,8 +38,33 @@ def tiny_dir(tmp_path_factory):
     return write_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipe")
 
 
+@pytest.fixture(scope="module")
+def tiny_refiner_dir(tmp_path_factory):
+    return write_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "refiner", refiner=True)
+
+
 def models_of(root) -> Models:
     return Models(load_unet(root), load_vae(root), load_text_encoders(root), load_tokenizers(root))
+
+
+def refiner_of(root) -> Models:
+    return Models(load_unet(root, expect="refiner"), None, load_text_encoders(root), load_tokenizers(root))
+
+
+def diffusers_pipe(cls, root, sampler):
+    pipe = cls.from_pretrained(str(root))
+    pipe.scheduler = SCHEDULERS[sampler].from_config(SDXL_SCHEDULER_CONFIG)  # the real models' scheduler config
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def init_picture():
+    """A 64x64 RGB test picture with structure at several scales (a gradient, a disc, stripes)."""
+    y, x = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    r = x * 4
+    g = ((x - 32) ** 2 + (y - 28) ** 2 < 300).float() * 200 + 30
+    b = (y // 4 % 2) * 180 + 40
+    return Image.fromarray(torch.stack([r, g, b], -1).clamp(0, 255).to(torch.uint8).numpy())
 
 
 def lora_file(root, path, seed=1, targets=("to_q", "to_k", "to_v", "to_out.0")):
@@ -66,6 +94,97 @@ def test_latents_equal_the_diffusers_pipeline(tiny_dir, sampler, negative):
     # matmul down another PyTorch kernel (parity.py); with the reference frozen too, euler, euler_a and
     # dpmpp_2m are bitwise equal and ddim is 3e-7 off (our DDIM takes alpha from sigma: sampling.py).
     assert_matches_reference(ours, theirs, f"final latents, {sampler}, negative {negative!r}")
+
+
+@pytest.mark.parametrize("sampler, negative", [("euler", ""), ("dpmpp_2m", ""), ("euler", "blurry")])
+def test_base_then_refiner_equals_diffusers_ensemble_of_experts(tiny_dir, tiny_refiner_dir, sampler, negative):
+    """The base runs the first 80% of the schedule (denoising_end=0.8, latents out), the refiner the rest
+    (denoising_start=0.8) with its one text encoder, its empty negative prompt encoded, aesthetic scores 6 / 2.5."""
+    prompts, steps, seed = ["a cat", "a dog"], 10, 3
+    ours = generate(models_of(tiny_dir), prompts, [negative] * 2, steps=steps, sampler=sampler, seed=seed, width=64,
+                    height=64, refiner=refiner_of(tiny_refiner_dir), refiner_start=0.8, return_latents=True)
+    negatives = [negative] * 2 if negative else None
+    base = diffusers_pipe(StableDiffusionXLPipeline, tiny_dir, sampler)
+    handed_over = base(prompts, negative_prompt=negatives, num_inference_steps=steps, denoising_end=0.8, width=64,
+                       height=64, generator=torch.Generator().manual_seed(seed), output_type="latent").images
+    refiner = diffusers_pipe(StableDiffusionXLImg2ImgPipeline, tiny_refiner_dir, sampler)
+    assert refiner.config.requires_aesthetics_score and not refiner.config.force_zeros_for_empty_prompt
+    theirs = refiner(prompts, negative_prompt=negatives, image=handed_over, num_inference_steps=steps,
+                     denoising_start=0.8, generator=torch.Generator().manual_seed(seed), output_type="latent").images
+    without_refiner = generate(models_of(tiny_dir), prompts, [negative] * 2, steps=steps, sampler=sampler, seed=seed,
+                               width=64, height=64, return_latents=True)
+    assert (ours - without_refiner).abs().max() > 1e-2  # the refiner did something
+    assert_matches_reference(ours, theirs, f"base 80% + refiner 20%, final latents, {sampler}, negative {negative!r}")
+
+
+def test_refiner_over_a_finished_image_equals_diffusers(tiny_dir, tiny_refiner_dir):
+    """refiner_start=0: the base runs every step; the refiner runs image to image on its latents at strength 0.3."""
+    prompts, steps, seed = ["a cat"], 10, 4
+    ours = generate(models_of(tiny_dir), prompts, steps=steps, seed=seed, width=64, height=64,
+                    refiner=refiner_of(tiny_refiner_dir), refiner_start=0.0, strength=0.3, return_latents=True)
+    base = diffusers_pipe(StableDiffusionXLPipeline, tiny_dir, "euler")
+    finished = base(prompts, num_inference_steps=steps, width=64, height=64,
+                    generator=torch.Generator().manual_seed(seed), output_type="latent").images
+    refiner = diffusers_pipe(StableDiffusionXLImg2ImgPipeline, tiny_refiner_dir, "euler")
+    theirs = refiner(prompts, image=finished, strength=0.3, num_inference_steps=steps,
+                     generator=torch.Generator().manual_seed(seed), output_type="latent").images
+    assert_matches_reference(ours, theirs, "base, then the refiner over its finished latents at strength 0.3")
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+@pytest.mark.parametrize("strength", [0.3, 0.7])
+def test_image_to_image_equals_diffusers(tiny_dir, sampler, strength):
+    """The init image encoded in fp32 (a sample of the VAE's Gaussian), noised to the step strength leaves,
+    denoised from there; the generator draws the VAE sample, then the noise, as diffusers' img2img does."""
+    image, prompts, steps, seed = init_picture(), ["a cat", "a dog"], 10, 5
+    ours = generate(models_of(tiny_dir), prompts, steps=steps, sampler=sampler, seed=seed, init_image=image_to_tensor(image),
+                    strength=strength, return_latents=True)
+    pipe = diffusers_pipe(StableDiffusionXLImg2ImgPipeline, tiny_dir, sampler)
+    theirs = pipe(prompts, image=image, strength=strength, num_inference_steps=steps,
+                  generator=torch.Generator().manual_seed(seed), output_type="latent").images
+    assert_matches_reference(ours, theirs, f"image to image, strength {strength}, {sampler}")
+
+
+def test_init_image_is_encoded_in_fp32_whatever_the_vae_dtype(tiny_dir):
+    """The SDXL VAE overflows in fp16: the encoder runs in fp32 for image to image (diffusers upcasts it too),
+    and the VAE is back in its own dtype after."""
+    models = models_of(tiny_dir)
+    models.vae.to(torch.bfloat16)
+    seen = []
+    models.vae.encoder.register_forward_pre_hook(lambda m, args: seen.append((args[0].dtype, m.conv_in.weight.dtype)))
+    generate(models, ["a cat"], steps=4, init_image=image_to_tensor(init_picture()), strength=0.5, return_latents=True)
+    assert seen == [(torch.float32, torch.float32)]
+    assert {p.dtype for p in models.vae.parameters()} == {torch.bfloat16}
+
+
+def test_image_to_image_then_refiner_equals_diffusers(tiny_dir, tiny_refiner_dir):
+    """Both at once: the base's img2img cut at denoising_end, the refiner from denoising_start."""
+    image, prompts, steps, seed = init_picture(), ["a cat"], 10, 6
+    ours = generate(models_of(tiny_dir), prompts, steps=steps, seed=seed, init_image=image_to_tensor(image), strength=0.7,
+                    refiner=refiner_of(tiny_refiner_dir), refiner_start=0.8, return_latents=True)
+    base = diffusers_pipe(StableDiffusionXLImg2ImgPipeline, tiny_dir, "euler")
+    handed_over = base(prompts, image=image, strength=0.7, num_inference_steps=steps, denoising_end=0.8,
+                       generator=torch.Generator().manual_seed(seed), output_type="latent").images
+    refiner = diffusers_pipe(StableDiffusionXLImg2ImgPipeline, tiny_refiner_dir, "euler")
+    theirs = refiner(prompts, image=handed_over, num_inference_steps=steps, denoising_start=0.8,
+                     generator=torch.Generator().manual_seed(seed), output_type="latent").images
+    assert_matches_reference(ours, theirs, "image to image at 0.7, then the refiner from 0.8")
+
+
+def test_schedules_that_leave_a_model_no_step_are_refused(tiny_dir, tiny_refiner_dir):
+    models, refiner = models_of(tiny_dir), refiner_of(tiny_refiner_dir)
+    image = image_to_tensor(init_picture())
+    common = dict(steps=10, width=64, height=64, return_latents=True)
+    with pytest.raises(GenerationError, match="leave the base no step to run"):  # strength 0.1: steps 9-10, cut at 8
+        generate(models, ["x"], init_image=image, strength=0.1, refiner=refiner, refiner_start=0.8, **common)
+    with pytest.raises(GenerationError, match="leave the base no step to run"):
+        generate(models, ["x"], init_image=image, strength=0.05, **common)
+    with pytest.raises(GenerationError, match="leave the refiner no step to run"):
+        generate(models, ["x"], refiner=refiner, refiner_start=0.9999, **common)
+    with pytest.raises(GenerationError, match=r"--refiner_start 1.0 must be in \[0, 1\)"):
+        generate(models, ["x"], refiner=refiner, refiner_start=1.0, **common)
+    with pytest.raises(GenerationError, match=r"--strength 0.0 must be in \(0, 1\]"):
+        generate(models, ["x"], init_image=image, strength=0.0, **common)
 
 
 def test_images_equal_the_diffusers_pipeline(tiny_dir):
@@ -168,6 +287,103 @@ def test_vae_tiling_and_lowvram_run(tiny_dir, tmp_path, monkeypatch):
     result = sample.main(args)
     assert calls  # 128 px is above the tiny VAE's 64 px tile: the tiled path ran
     assert Image.open(result["images"][0]).size == (128, 128)
+
+
+def test_lowvram_keeps_only_the_model_in_use_on_the_device(tiny_dir, tiny_refiner_dir, tmp_path, monkeypatch):
+    """With --lowvram each stage brings its own models to the device and sends them back: at every forward
+    pass of a model exactly that stage's models are there (text encoders, base UNet, refiner, VAE in turn)."""
+    generate_module = sys.modules["minsdxl.generate"]  # (the package exports the function `generate` under that name)
+    on_device, seen = [], []
+    real_on = generate_module._on
+
+    @contextmanager
+    def spying_on(module, device, lowvram):
+        assert lowvram
+        with real_on(module, device, lowvram):
+            on_device.append(module)
+            try:
+                yield module
+            finally:
+                on_device.remove(module)
+
+    monkeypatch.setattr(generate_module, "_on", spying_on)
+    models, refiner = models_of(tiny_dir), refiner_of(tiny_refiner_dir)
+    parts = {"text encoder 1": models.text_encoders[0], "text encoder 2": models.text_encoders[1], "UNet": models.unet,
+             "refiner text encoder": refiner.text_encoders[0], "refiner UNet": refiner.unet,
+             "VAE encoder": models.vae.encoder, "VAE decoder": models.vae.decoder}
+    for name, module in parts.items():
+        module.register_forward_pre_hook(lambda m, args, name=name: seen.append((name, list(on_device))))
+    monkeypatch.setattr(sample, "load_models", lambda *a: models)
+    monkeypatch.setattr(sample, "load_refiner", lambda *a: refiner)
+    init = tmp_path / "init.png"
+    init_picture().save(init)
+    sample.main(args_for(tiny_dir, tmp_path / "out", "--lowvram", "--refiner", str(tiny_refiner_dir),
+                         "--init_image", str(init), "--strength", "0.9", "--steps", "4"))
+    stage = {"text encoder 1": [models.text_encoders[0], models.text_encoders[1]],
+             "text encoder 2": [models.text_encoders[0], models.text_encoders[1]],
+             "UNet": [models.unet], "refiner text encoder": [refiner.text_encoders[0]], "refiner UNet": [refiner.unet],
+             "VAE encoder": [models.vae], "VAE decoder": [models.vae]}
+    assert {name for name, _ in seen} == set(parts)
+    for name, there in seen:
+        assert there == stage[name], f"during {name}: {len(there)} models on the device"
+    order = [name for i, (name, _) in enumerate(seen) if i == 0 or seen[i - 1][0] != name]
+    # (the base's empty negative prompt is zeros, not encoded; the refiner encodes the prompt, then "")
+    assert order == ["text encoder 1", "text encoder 2", "VAE encoder", "UNet", "refiner text encoder", "refiner UNet",
+                     "VAE decoder"]
+    assert not on_device
+
+
+def test_demo_with_a_tiny_refiner(tiny_refiner_dir, tmp_path):
+    """sample.py --demo --refiner PATH: the tiny base hands over to a tiny refiner written by minsdxl.tiny."""
+    plain = sample.main(sample.parse_args(["--demo", "--output_dir", str(tmp_path / "plain"), "--steps", "5"]))
+    refined = sample.main(sample.parse_args(["--demo", "--output_dir", str(tmp_path / "refined"), "--steps", "5",
+                                             "--refiner", str(tiny_refiner_dir)]))
+    assert Image.open(refined["images"][0]).size == (64, 64)
+    assert not torch.equal(pixels(refined["images"][0]), pixels(plain["images"][0]))  # the refiner ran its last step
+    text = Image.open(refined["images"][0]).text
+    assert "Refiner: refiner, Refiner switch at: 0.8" in text["parameters"]
+    info = json.loads(text["minsdxl"])
+    assert (info["refiner"], info["refiner_start"], info["aesthetic_score"]) == (str(tiny_refiner_dir), 0.8, 6.0)
+
+
+def test_image_to_image_from_the_command_line(tiny_dir, tmp_path):
+    init = tmp_path / "init.png"
+    init_picture().resize((70, 50)).save(init)
+    own_size = sample.parse_args(["--pretrained_model_name_or_path", str(tiny_dir), "--prompt", "a red ball", "--steps", "3",
+                                  "--output_dir", str(tmp_path / "a"), "--init_image", str(init), "--strength", "0.6"])
+    assert Image.open(sample.main(own_size)["images"][0]).size == (64, 48)  # 70 x 50 rounded down to multiples of 8
+    out = sample.main(args_for(tiny_dir, tmp_path / "b", "--init_image", str(init), "--strength", "0.6"))
+    assert Image.open(out["images"][0]).size == (64, 64)  # --width 64 --height 64 given: resized to that
+    assert "Denoising strength: 0.6" in Image.open(out["images"][0]).text["parameters"]
+    # with a LoRA: image to image runs the base with the LoRA applied
+    path = lora_file(tiny_dir, tmp_path / "style.safetensors")
+    with_lora = sample.main(args_for(tiny_dir, tmp_path / "c", "--init_image", str(init), "--strength", "0.6",
+                                     "--lora", str(path)))
+    assert (pixels(with_lora["images"][0]) - pixels(out["images"][0])).abs().mean() > 0.5
+
+
+def test_refiner_and_image_flags_are_checked(tiny_dir, tiny_refiner_dir, tmp_path):
+    """A refiner given as the base and the base as the refiner name the file and say what it is; flags that
+    only mean something with the refiner or image to image are refused without them."""
+    with pytest.raises(SystemExit, match=rf"--pretrained_model_name_or_path: {re.escape(str(tiny_refiner_dir))}.*not an "
+                                         r"SDXL base UNet: found the SDXL refiner .*sample.py --refiner"):
+        sample.main(args_for(tiny_refiner_dir, tmp_path))
+    with pytest.raises(SystemExit, match=rf"--refiner: {re.escape(str(tiny_dir))}.*not an SDXL refiner UNet: found an "
+                                         r"SDXL base model"):
+        sample.main(args_for(tiny_dir, tmp_path, "--refiner", str(tiny_dir)))
+    for flags, message in ((["--aesthetic_score", "7"], "--aesthetic_score is for the refiner"),
+                           (["--refiner_start", "0.5"], "--refiner_start is for the refiner"),
+                           (["--strength", "0.5"], "--strength is for image to image"),
+                           (["--refiner", str(tiny_refiner_dir), "--strength", "0.5"], "--strength is for image to image"),
+                           (["--refiner", str(tiny_refiner_dir), "--refiner_start", "1"], r"--refiner_start 1.0 must be in \[0, 1\)"),
+                           (["--init_image", "nowhere.png"], "--init_image nowhere.png: no such file"),
+                           (["--init_image", str(tmp_path / "x.png"), "--strength", "0"], r"--strength 0.0 must be in \(0, 1\]")):
+        (tmp_path / "x.png").write_bytes(b"")
+        with pytest.raises(SystemExit, match=message):
+            sample.main(args_for(tiny_dir, tmp_path, *flags))
+    (tmp_path / "broken.png").write_bytes(b"not a picture")
+    with pytest.raises(SystemExit, match="--init_image .*broken.png: not an image PIL can read"):
+        sample.main(args_for(tiny_dir, tmp_path, "--init_image", str(tmp_path / "broken.png")))
 
 
 def test_bad_input_gets_a_clear_error(tiny_dir, tmp_path):

@@ -2,7 +2,8 @@
 
 A tiny random pipeline is written by `minsdxl.tiny` (diffusers layout) and rewritten by the tests
 into Stability's single-file layout (SGM UNet names, OpenCLIP text encoder 2, LDM VAE names, fp16),
-the `.fp16` variant and a sharded set. Every loader must give the reference models' outputs.
+the `.fp16` variant and a sharded set. Every loader must give the reference models' outputs. The
+same for a tiny refiner (one text encoder, five time ids), in both layouts.
 """
 
 import copy
@@ -14,12 +15,13 @@ import shutil
 
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, convert_open_clip_checkpoint
 from safetensors.torch import load_file, save_file
 
 from minsdxl import UNet, UNetConfig, convert
-from minsdxl.loading import LoadError, encode_text, load_text_encoders, load_tokenizers, load_unet, load_vae
+from minsdxl.config import REFINER_TIME_IDS
+from minsdxl.loading import LoadError, check_text_encoders, encode_text, load_text_encoders, load_tokenizers, load_unet, load_vae
 from minsdxl.tiny import transformers_to_open_clip, write_single_file, write_tiny_pipeline
 from tests import reference_configs
 from tests.parity import assert_matches_reference
@@ -33,10 +35,19 @@ def tiny(tmp_path_factory):
     return root, pipe
 
 
-def unet_inputs(seed=0):
+@pytest.fixture(scope="module")
+def tiny_refiner(tmp_path_factory):
+    root = write_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "refiner", refiner=True)
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(str(root))
+    return root, pipe
+
+
+def unet_inputs(cfg=UNetConfig.tiny(), seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([999, 10]), torch.randn(2, 77, 64, generator=g),
-            torch.randn(2, 32, generator=g), torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2))
+    ids = [64.0, 64, 0, 0, 6.0] if cfg.takes_aesthetic_score else [64.0, 64, 0, 0, 64, 64]
+    return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([999, 10]),
+            torch.randn(2, 77, cfg.cross_attention_dim, generator=g), torch.randn(2, cfg.pooled_text_dim, generator=g),
+            torch.tensor([ids] * 2))
 
 
 def assert_unet_matches(ours, ref_unet, what: str):
@@ -46,7 +57,7 @@ def assert_unet_matches(ours, ref_unet, what: str):
     theirs = ref_unet.state_dict()
     assert ours.state_dict().keys() == theirs.keys()
     assert all(torch.equal(v, theirs[k].to(v.dtype)) for k, v in ours.state_dict().items())
-    x, t, ctx, pooled, tid = unet_inputs()
+    x, t, ctx, pooled, tid = unet_inputs(ours.config)
     with torch.no_grad():
         expected = ref_unet(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": tid}).sample
         got = ours(x, t, ctx.to(ours.conv_in.weight.dtype), pooled.to(ours.conv_in.weight.dtype), tid).float()
@@ -57,10 +68,10 @@ def assert_unet_matches(ours, ref_unet, what: str):
 
 # --- key conversion -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", list(CONFIGS) + ["sdxl_base"])
+@pytest.mark.parametrize("name", list(CONFIGS) + ["sdxl_base", "sdxl_refiner"])
 def test_sgm_conversion_agrees_with_diffusers_converter(name):
-    cfg = UNetConfig.sdxl_base() if name == "sdxl_base" else CONFIGS[name]
-    device = "meta" if name == "sdxl_base" else "cpu"
+    cfg = getattr(UNetConfig, name)() if name.startswith("sdxl_") else CONFIGS[name]
+    device = "meta" if name.startswith("sdxl_") else "cpu"
     with torch.device(device):
         sd = UNet(cfg).state_dict()
     sgm = convert.unet_diffusers_to_sgm(sd)
@@ -160,7 +171,7 @@ def test_single_file_tokenizers_need_no_network(tiny, tmp_path, monkeypatch):
 
 def test_shipped_tokenizers_give_clips_ids(tmp_path):
     path = tmp_path / "any.safetensors"
-    path.write_bytes(b"")  # load_tokenizers only asks whether the source is a file
+    save_file({convert.SGM_TE1_PREFIX + "x": torch.zeros(1)}, str(path))  # load_tokenizers reads only the header
     tok1, tok2 = load_tokenizers(path)
     assert len(tok1) == len(tok2) == 49408
     for prompt, ids in CLIP_IDS.items():
@@ -171,6 +182,83 @@ def test_shipped_tokenizers_give_clips_ids(tmp_path):
     long = tok1("a dog " * 60, max_length=77, truncation=True).input_ids  # 120 words: cut to 75 + bos and eos
     assert len(long) == 77 and long[:3] == [49406, 320, 1929] and long[-1] == 49407
 
+
+
+# --- the refiner ----------------------------------------------------------------------------------
+
+def test_refiner_pipeline_folder(tiny_refiner):
+    """unet/, text_encoder_2/ and tokenizer_2/ only: one text encoder, five time ids (model_index.json)."""
+    root, pipe = tiny_refiner
+    assert not (root / "text_encoder").exists() and json.loads((root / "model_index.json").read_text())["requires_aesthetics_score"]
+    unet = load_unet(root, expect="refiner")
+    assert unet.config.time_ids == REFINER_TIME_IDS and unet.config == UNetConfig.tiny_refiner()
+    assert_unet_matches(unet, pipe.unet, "refiner UNet from the pipeline folder")
+    assert_unet_matches(load_unet(root / "unet", expect="refiner"), pipe.unet, "refiner UNet from unet/")
+    te, tok = load_text_encoders(root), load_tokenizers(root)
+    assert len(te) == len(tok) == 1 and tok[0].pad_token == "!"
+    check_text_encoders(unet, te, str(root))
+    ctx, pooled = encode_text(te, tok, ["a red circle", ""])
+    ref_ctx, _, ref_pooled, _ = pipe.encode_prompt(["a red circle", ""], do_classifier_free_guidance=False)
+    assert ctx.shape == (2, 77, 32)  # OpenCLIP bigG's penultimate layer alone (1280 in the real refiner)
+    assert_matches_reference(ctx, ref_ctx, "refiner text embeddings (text encoder 2 alone)")
+    assert_matches_reference(pooled, ref_pooled, "refiner pooled text embedding")
+
+
+def test_refiner_single_file(tiny_refiner, tmp_path):
+    """sd_xl_refiner_1.0.safetensors' layout: SGM UNet names, OpenCLIP bigG as conditioner embedder 0, no CLIP ViT-L."""
+    root, pipe = tiny_refiner
+    path = tmp_path / "sd_xl_refiner_tiny.safetensors"
+    write_single_file(root, path)
+    keys = load_file(str(path)).keys()
+    assert any(k.startswith("conditioner.embedders.0.model.transformer.resblocks.") for k in keys)
+    assert not any(k.startswith(("conditioner.embedders.0.transformer.", "conditioner.embedders.1.")) for k in keys)
+    unet = load_unet(path, expect="refiner")
+    assert unet.config == UNetConfig.tiny_refiner()
+    assert_unet_matches(unet, copy.deepcopy(pipe.unet).half().float(), "refiner UNet from a single fp16 file")
+    (te2,) = load_text_encoders(path)
+    for k, v in pipe.text_encoder_2.state_dict().items():
+        assert torch.equal(te2.state_dict()[k], v.half().float()), k
+    # diffusers' own converter recognises the refiner's text encoder by this prefix and agrees with ours
+    sd = load_file(str(path))
+    oracle = convert_open_clip_checkpoint(pipe.text_encoder_2, sd, prefix=convert.SGM_REFINER_TE2_PREFIX)
+    ours = convert.open_clip_to_transformers({k[len(convert.SGM_REFINER_TE2_PREFIX):]: v for k, v in sd.items()
+                                              if k.startswith(convert.SGM_REFINER_TE2_PREFIX)})
+    assert ours.keys() == oracle.keys() and all(torch.equal(ours[k], oracle[k]) for k in ours)
+    (tok2,) = load_tokenizers(path)  # the shipped OpenCLIP tokenizer, no network
+    assert tok2.pad_token == "!" and len(tok2) == 49408
+    vae = load_vae(path)
+    assert all(torch.equal(vae.state_dict()[k], v.half().float()) for k, v in pipe.vae.state_dict().items())
+
+
+def test_base_and_refiner_given_as_each_other_say_which_they_are(tiny, tiny_refiner, tmp_path):
+    base_root, refiner_root = tiny[0], tiny_refiner[0]
+    write_single_file(base_root, tmp_path / "base.safetensors")
+    write_single_file(refiner_root, tmp_path / "refiner.safetensors")
+    for source in (refiner_root, tmp_path / "refiner.safetensors"):
+        with pytest.raises(LoadError, match=rf"{re.escape(str(source))}.*not an SDXL base UNet: found the SDXL refiner "
+                                            r"\(5 time ids with the aesthetic score"):
+            load_unet(source)
+    for source in (base_root, tmp_path / "base.safetensors"):
+        with pytest.raises(LoadError, match=rf"{re.escape(str(source))}.*not an SDXL refiner UNet: found an SDXL base "
+                                            r"model \(6 time ids with the target size"):
+            load_unet(source, expect="refiner")
+    assert load_unet(refiner_root, expect="any").config.takes_aesthetic_score
+    # Text encoders that do not fit the UNet (the base's two for the refiner, and the other way round)
+    with pytest.raises(LoadError, match=r"context 32 \+ 32 = 64 and pooled 32 wide, but the UNet reads context 32"):
+        check_text_encoders(load_unet(refiner_root, expect="refiner"), load_text_encoders(base_root), "here")
+    with pytest.raises(LoadError, match=r"context 32 = 32 .* but the UNet reads context 64"):
+        check_text_encoders(load_unet(base_root), load_text_encoders(refiner_root), "here")
+
+
+def test_bare_sgm_refiner_unet_is_recognised_by_its_widths(tmp_path):
+    # No config anywhere: a pooled vector as wide as the context (one text encoder) means the refiner's
+    # five time ids; the same widths with a wider context are the base's six.
+    cfg = UNetConfig(block_out_channels=(64, 128, 128), layers_per_block=1, transformer_depth=(0, 2, 0), mid_transformer_depth=1,
+                     num_heads=(1, 2, 2), cross_attention_dim=64, pooled_text_dim=64, addition_time_embed_dim=256,
+                     time_ids=REFINER_TIME_IDS)
+    torch.manual_seed(0)
+    save_file(convert.unet_diffusers_to_sgm(UNet(cfg).state_dict()), str(tmp_path / "bare.safetensors"))
+    assert load_unet(tmp_path / "bare.safetensors", expect="refiner").config == cfg
 
 
 def test_bare_sgm_unet_without_config_infers_it(tmp_path):
@@ -233,6 +321,14 @@ def test_hub_repo_id_downloads_only_what_is_needed(tiny, monkeypatch):
     load_unet("someone/tiny-sdxl", **hub), load_text_encoders("someone/tiny-sdxl", **hub)
     load_tokenizers("someone/tiny-sdxl", **hub), load_vae("someone/tiny-sdxl", **hub)
     assert len(asked) == 6 and all(options == hub for _, _, options in asked)
+
+
+def test_hub_refiner_repo_gives_its_one_text_encoder(tiny_refiner, monkeypatch):
+    root, pipe = tiny_refiner
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, allow_patterns, **options: str(root))
+    assert_unet_matches(load_unet("someone/tiny-refiner", expect="refiner"), pipe.unet, "refiner UNet from a Hub repo id")
+    assert len(load_text_encoders("someone/tiny-refiner")) == len(load_tokenizers("someone/tiny-refiner")) == 1
 
 
 def test_hub_offline_without_cache_is_a_clear_error(monkeypatch, tmp_path):

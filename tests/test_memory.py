@@ -212,3 +212,65 @@ def test_a_dependency_train_py_lacks_is_named_not_hidden(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "train", raising=False)
     with pytest.raises(ModuleNotFoundError, match="some_package_this_machine_lacks"):
         memory._train_module()
+
+
+# --- generation: sample.py's phases, the refiner's among them ------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_refiner(tmp_path_factory):
+    from minsdxl.tiny import write_tiny_pipeline
+    return write_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "refiner", refiner=True)
+
+
+def sample_args(*flags):
+    import sample
+    return sample.parse_args(["--demo", "--device", "cpu", *flags])
+
+
+def test_generation_phases_with_the_refiner_and_lowvram(tiny_refiner, tmp_path):
+    """Each stage of one image is a phase; with --lowvram only that stage's models are on the device: the
+    weights at the base's peak are the base UNet's bytes, at the refiner's the refiner UNet's."""
+    from PIL import Image
+
+    from minsdxl import UNet, UNetConfig, load_unet
+    Image.new("RGB", (64, 64)).save(tmp_path / "init.png")
+    plan = memory.simulate_sample(sample_args("--refiner", str(tiny_refiner), "--lowvram", "--output_dir", str(tmp_path),
+                                              "--init_image", str(tmp_path / "init.png"), "--strength", "0.5"), "cpu")
+    assert [p.name for p in plan.phases] == ["load", "text", "encode image", "denoise", "refiner: text",
+                                             "refiner: denoise", "decode"]
+    refiner_bytes = sum(p.numel() * 4 for p in load_unet(tiny_refiner, expect="refiner").parameters())
+    base_bytes = sum(p.numel() * 4 for p in UNet(UNetConfig.tiny()).parameters())  # the demo's base, fp32
+    assert plan.phase("load").peak == 0  # everything in CPU memory until its stage
+    assert plan.phase("denoise").by_kind["weights"] == base_bytes
+    assert plan.phase("refiner: denoise").by_kind["weights"] == refiner_bytes
+    assert plan.phase("refiner: denoise").by_kind["activations"] > 0
+    everything = memory.simulate_sample(sample_args("--refiner", str(tiny_refiner), "--output_dir", str(tmp_path)), "cpu")
+    assert "encode image" not in {p.name for p in everything.phases}
+    assert everything.phase("load").peak > base_bytes + refiner_bytes  # without --lowvram all stay on the device
+    assert everything.peak > plan.peak
+
+
+def test_full_size_base_and_refiner_with_lowvram():
+    """SDXL base + refiner at 1024x1024 in bf16 on CUDA, one model at a time: the refiner's phase holds its
+    2,259,526,660 bf16 parameters (in 512-byte blocks) and the whole image fits in 8 GB."""
+    plan = memory.simulate_sample(sample_args_full("--refiner", "stabilityai/stable-diffusion-xl-refiner-1.0", "--lowvram"))
+    assert plan.target == "cuda" and "1024x1024, bf16, lowvram" in plan.title
+    refiner = plan.phase("refiner: denoise").by_kind
+    assert 0 <= refiner["weights"] - 2 * 2_259_526_660 < 512 * 1_220
+    assert 0 <= plan.phase("denoise").by_kind["weights"] - 2 * 2_567_463_684 < 512 * 1_680
+    assert all(p.peak + plan.extra_bytes <= 8 * GB for p in plan.phases), plan.table()
+    assert plan.attention.get("math", 0) == 0
+
+
+def sample_args_full(*flags):
+    import sample
+    return sample.parse_args([*flags])
+
+
+def test_cli_sample_mode(tiny_refiner, capsys, tmp_path):
+    assert memory.main(["sample", "--demo", "--device", "cpu", "--refiner", str(tiny_refiner), "--json",
+                        "--output_dir", str(tmp_path)]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [p["phase"] for p in plan["phases"]][-3:] == ["refiner: text", "refiner: denoise", "decode"]
+    assert memory.main(["sample", "--demo", "--device", "cpu", "--vram", "1MB", "--output_dir", str(tmp_path)]) == 0
+    assert "does NOT fit in" in capsys.readouterr().out

@@ -1,5 +1,7 @@
 """Each sampler equals the diffusers scheduler of the same name, driven the way StableDiffusionXLPipeline
-drives it (noise * init_noise_sigma, scale_model_input, UNet, step), with the same eps_fn and noise.
+drives it (noise * init_noise_sigma, scale_model_input, UNet, step), with the same eps_fn and noise; and
+driven part of the way, as StableDiffusionXLImg2ImgPipeline drives it for image to image (`strength`:
+add_noise at the first step kept) and for the refiner after the base (`denoising_end` / `denoising_start`).
 
 The eps_fn is a fixed, deterministic stand-in for a UNet: a random channel-mixing linear map of its input,
 a small nonlinearity and a timestep-dependent term, so that a wrong scaling, a wrong timestep or a wrong
@@ -10,7 +12,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
-from minsdxl.sampling import SAMPLERS, inference_schedule, sample
+from minsdxl.sampling import SAMPLERS, inference_schedule, noised, sample, split_step, strength_start
 
 # stabilityai/stable-diffusion-xl-base-1.0, scheduler/scheduler_config.json
 SDXL_SCHEDULER_CONFIG = {
@@ -80,6 +82,39 @@ def run_reference(scheduler, eps_fn, noise, generator=None):
     return x
 
 
+def run_reference_steps(scheduler, eps_fn, x, timesteps, generator=None):
+    """The denoising loop over some of the scheduler's timesteps, from x in the scheduler's own form."""
+    for t in timesteps:
+        x = scheduler.step(eps_fn(scheduler.scale_model_input(x, t), t), t, x, generator=generator).prev_sample
+    return x
+
+
+def reference_split(sampler, karras, steps, fraction, eps_fn, noise, seed):
+    """StableDiffusionXLPipeline(denoising_end=fraction) then, on its latents, a second pipeline's scheduler
+    with StableDiffusionXLImg2ImgPipeline(denoising_start=fraction)'s timesteps (each pipeline its own generator)."""
+    cutoff = int(round(1000 - fraction * 1000))  # both pipelines' discrete_timestep_cutoff
+    first = reference_scheduler(sampler, steps, karras)
+    n = len([t for t in first.timesteps if t >= cutoff])
+    x = run_reference_steps(first, eps_fn, noise * first.init_noise_sigma, first.timesteps[:n],
+                            torch.Generator().manual_seed(seed))
+    second = reference_scheduler(sampler, steps, karras)
+    t_start = len(second.timesteps) - (second.timesteps < cutoff).sum().item()
+    if hasattr(second, "set_begin_index"):  # DDIM has none (it steps by timestep), as the pipeline checks
+        second.set_begin_index(t_start)
+    return n, run_reference_steps(second, eps_fn, x, second.timesteps[t_start:], torch.Generator().manual_seed(seed))
+
+
+def reference_img2img(sampler, karras, steps, strength, eps_fn, x0, noise, seed):
+    """StableDiffusionXLImg2ImgPipeline's get_timesteps, prepare_latents (add_noise) and loop."""
+    scheduler = reference_scheduler(sampler, steps, karras)
+    t_start = max(steps - min(int(steps * strength), steps), 0)
+    timesteps = scheduler.timesteps[t_start:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start)
+    x = scheduler.add_noise(x0, noise, timesteps[:1])
+    return t_start, run_reference_steps(scheduler, eps_fn, x, timesteps, torch.Generator().manual_seed(seed))
+
+
 def rel_err(got, expected):
     return ((got - expected).abs().max() / expected.abs().max()).item()
 
@@ -119,6 +154,56 @@ def test_sampler_matches_diffusers(sampler, karras, prediction_type):
     print(f"\n{sampler} karras={karras} {prediction_type}: max |ours - diffusers| / max |diffusers| = {err:.2e}")
     assert err <= 1e-5
     assert got.shape == noise.shape and got.dtype == noise.dtype
+
+
+@pytest.mark.parametrize("sampler,karras", CASES)
+@pytest.mark.parametrize("steps,fraction", [(30, 0.8), (10, 0.7), (7, 0.5)])
+def test_split_between_two_models_matches_diffusers(sampler, karras, steps, fraction):
+    """The base runs the first `fraction` of the schedule and returns a partly denoised latent; the refiner
+    goes on from there with a fresh sampler (DPM++ 2M starts first-order again, as diffusers' does)."""
+    eps_fn, other = make_eps_fn(seed=0), make_eps_fn(seed=5)  # two different "models"
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    end = split_step(steps, fraction, sampler, karras)
+    half = sample(eps_fn, noise, steps, sampler, karras=karras, generator=torch.Generator().manual_seed(2), end=end)
+    got = sample(other, half, steps, sampler, karras=karras, generator=torch.Generator().manual_seed(2), start=end)
+
+    def two_models(z, t):  # the reference's loop runs one eps_fn: switch at the split's timestep
+        return (eps_fn if t >= inference_schedule(steps, sampler, karras)[0][end - 1] else other)(z, t)
+
+    n, expected = reference_split(sampler, karras, steps, fraction, two_models, noise, seed=2)
+    assert end == n and 0 < end < steps
+    assert rel_err(got, expected) <= 1e-5
+    # One run in two halves is the whole run (with one model and a deterministic sampler)
+    if sampler != "euler_a":
+        whole = sample(eps_fn, noise, steps, sampler, karras=karras)
+        parts = sample(eps_fn, sample(eps_fn, noise, steps, sampler, karras=karras, end=end), steps, sampler,
+                       karras=karras, start=end)
+        assert (rel_err(parts, whole) <= 1e-5) == (sampler != "dpmpp_2m")  # DPM++ 2M restarts first-order
+
+
+@pytest.mark.parametrize("sampler,karras", CASES)
+@pytest.mark.parametrize("strength", [0.3, 0.7, 1.0])
+def test_image_to_image_matches_diffusers(sampler, karras, strength):
+    steps, eps_fn = 10, make_eps_fn()
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    start = strength_start(steps, strength)
+    got = sample(eps_fn, noised(x0, noise, steps, start, sampler, karras), steps, sampler, karras=karras,
+                 generator=torch.Generator().manual_seed(2), start=start)
+    t_start, expected = reference_img2img(sampler, karras, steps, strength, eps_fn, x0, noise, seed=2)
+    assert start == t_start == {0.3: 7, 0.7: 3, 1.0: 0}[strength]
+    assert rel_err(got, expected) <= 1e-5
+
+
+def test_split_and_strength_steps():
+    """diffusers' arithmetic: the cutoff timestep round(T (1 - fraction)), the steps int(N x strength)."""
+    # 30 Euler steps call the UNet at 958, 925, ..., 232, 199, ...: 23 of them at or above 200 = 1000 (1 - 0.8).
+    # DPM++ 2M's spacing (r = 1000 // 31: 961, ..., 225, 193) gives 24.
+    assert split_step(30, 0.8) == 23 and split_step(30, 0.8, "dpmpp_2m") == 24 and split_step(40, 0.8) == 32
+    assert split_step(10, 0.7) == 7 and split_step(25, 0.0) == 0 and split_step(25, 1.0) == 25
+    assert strength_start(10, 0.3) == 7 and strength_start(10, 0.7) == 3  # 10 x 0.7 = 7.000000000000001
+    assert strength_start(100, 0.29) == 72  # 100 x 0.29 = 28.999999999999996: int() gives 28, as in diffusers
+    assert strength_start(30, 1.0) == 0 and strength_start(30, 0.01) == 30  # 0: no step would run
 
 
 def test_eps_fn_receives_what_the_unet_receives():
@@ -196,3 +281,7 @@ def test_bad_arguments_are_refused():
         sample(eps_fn, noise, 0)
     with pytest.raises(ValueError, match="past the last training timestep"):
         inference_schedule(1000, "euler")
+    with pytest.raises(ValueError, match="steps 7 to 7 of 10"):
+        sample(eps_fn, noise, 10, start=7, end=7)
+    with pytest.raises(ValueError, match="steps 0 to 11 of 10"):
+        sample(eps_fn, noise, 10, end=11)

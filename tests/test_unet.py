@@ -1,8 +1,9 @@
 """The hand-written UNet is the same function as diffusers' UNet2DConditionModel.
 
 Same weights (loaded with strict=True, so the module names match too), same inputs, compared in
-fp32 to 1e-5 of the output's scale, on several SDXL-family configs; the full SDXL base config is
-checked key by key on the meta device. The full-size numerical check is `slow`.
+fp32 to 1e-5 of the output's scale, on several SDXL-family configs, base-shaped and refiner-shaped
+(five time ids with the aesthetic score, text from one encoder); the full SDXL base and refiner
+configs are checked key by key on the meta device. The full-size numerical checks are `slow`.
 """
 
 import dataclasses
@@ -13,6 +14,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from minsdxl import ConfigError, UNet, UNetConfig
+from minsdxl.config import BASE_TIME_IDS, REFINER_TIME_IDS
 from tests import reference_configs
 from tests.parity import assert_matches_reference
 
@@ -38,7 +40,34 @@ ALL_ATTENTION = dataclasses.replace(
     layers_per_block=3,
     norm_num_groups=16,
 )
-CONFIGS = {"tiny": UNetConfig.tiny(), "four_levels": FOUR_LEVELS, "all_attention": ALL_ATTENTION}
+# Refiner-shaped: five time ids (the aesthetic score instead of the target size), a pooled vector as wide
+# as the context (one text encoder), no attention at either end; sizes unlike the refiner preset's.
+REFINER_LIKE = dataclasses.replace(
+    UNetConfig.tiny(),
+    block_out_channels=(32, 64, 64, 96),
+    transformer_depth=(0, 2, 1, 0),
+    mid_transformer_depth=3,
+    num_heads=(1, 2, 4, 3),
+    cross_attention_dim=40,
+    pooled_text_dim=40,
+    addition_time_embed_dim=8,
+    time_ids=REFINER_TIME_IDS,
+)
+REFINER_THREE_LEVELS = dataclasses.replace(
+    UNetConfig.tiny(),
+    block_out_channels=(32, 48, 64),
+    transformer_depth=(0, 3, 0),
+    mid_transformer_depth=2,
+    num_heads=(2, 3, 4),
+    layers_per_block=1,
+    cross_attention_dim=24,
+    pooled_text_dim=24,
+    addition_time_embed_dim=6,
+    time_ids=REFINER_TIME_IDS,
+    norm_num_groups=16,
+)
+CONFIGS = {"tiny": UNetConfig.tiny(), "four_levels": FOUR_LEVELS, "all_attention": ALL_ATTENTION,
+           "refiner_like": REFINER_LIKE, "refiner_three_levels": REFINER_THREE_LEVELS}
 
 
 def make_pair(cfg: UNetConfig, seed: int = 0):
@@ -56,7 +85,8 @@ def make_inputs(cfg: UNetConfig, batch: int = 2, size: int = 16, dtype=torch.flo
     t = torch.tensor([999, 17][:batch] + [500] * max(0, batch - 2))
     context = torch.randn(batch, 7, cfg.cross_attention_dim, generator=g)
     pooled = torch.randn(batch, cfg.pooled_text_dim, generator=g)
-    time_ids = torch.tensor([[1024.0, 768.0, 0.0, 64.0, 1024.0, 1024.0]] * batch)
+    last = [6.0] if cfg.takes_aesthetic_score else [1024.0, 1024.0]  # aesthetic score, or target size
+    time_ids = torch.tensor([[1024.0, 768.0, 0.0, 64.0, *last]] * batch)
     return [a.to(dtype) if a.is_floating_point() else a for a in (x, t, context, pooled, time_ids)]
 
 
@@ -152,17 +182,48 @@ def test_sdxl_base_keys_and_shapes_on_meta():
     assert cfg.adm_in_channels == 2816 and cfg.time_embed_dim == 1280
 
 
+def test_sdxl_refiner_keys_and_shapes_on_meta():
+    cfg = UNetConfig.from_diffusers_config(reference_configs.SDXL_REFINER)
+    assert cfg == UNetConfig.sdxl_refiner()
+    with torch.device("meta"):
+        ref = UNet2DConditionModel(**reference_configs.SDXL_REFINER)
+        ours = UNet(cfg)
+    ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    our_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert len(our_shapes) == 1220
+    assert our_shapes == ref_shapes
+    assert sum(p.numel() for p in ours.parameters()) == 2_259_526_660
+    assert cfg.adm_in_channels == 2560 and cfg.time_embed_dim == 1536
+
+
+def test_refiner_conditioning_is_1280_pooled_and_five_time_ids():
+    """2560 = 1280 pooled + 5 x 256, not 1024 + 6 x 256: the aesthetic score replaces the target size."""
+    cfg = UNetConfig.from_diffusers_config(reference_configs.SDXL_REFINER)
+    assert cfg.pooled_text_dim == 1280 and cfg.time_ids == REFINER_TIME_IDS and cfg.num_time_ids == 5
+    assert cfg.takes_aesthetic_score and not UNetConfig.sdxl_base().takes_aesthetic_score
+    assert cfg.cross_attention_dim == 1280 and cfg.transformer_depth == (0, 4, 4, 0) and cfg.mid_transformer_depth == 4
+    base = UNetConfig.from_diffusers_config(reference_configs.SDXL_BASE)
+    assert base.pooled_text_dim == 1280 and base.time_ids == BASE_TIME_IDS
+    # What the pipeline's model_index.json says (requires_aesthetics_score) decides over the widths.
+    told = UNetConfig.from_diffusers_config(reference_configs.SDXL_REFINER, aesthetic_score=False)
+    assert told.time_ids == BASE_TIME_IDS and told.pooled_text_dim == 1024
+    assert UNetConfig.from_diffusers_config(reference_configs.SDXL_BASE, aesthetic_score=True).pooled_text_dim == 1536
+
+
 def test_to_diffusers_config_round_trips():
     for cfg in CONFIGS.values():
         assert UNetConfig.from_diffusers_config(cfg.to_diffusers_config()) == cfg
-    assert UNetConfig.from_diffusers_config(UNetConfig.sdxl_base().to_diffusers_config()) == UNetConfig.sdxl_base()
+    for cfg in (UNetConfig.sdxl_base(), UNetConfig.sdxl_refiner()):
+        assert UNetConfig.from_diffusers_config(cfg.to_diffusers_config()) == cfg
 
 
-def test_refiner_config_is_representable():
-    cfg = UNetConfig.from_diffusers_config(reference_configs.SDXL_REFINER)
-    assert cfg.block_out_channels == (384, 768, 1536, 1536)
-    assert cfg.transformer_depth == (0, 4, 4, 0) and cfg.mid_transformer_depth == 4
-    assert cfg.num_heads == (6, 12, 24, 24) and cfg.adm_in_channels == 2560
+def test_time_ids_are_checked():
+    with pytest.raises(ConfigError, match="time_ids"):
+        UNetConfig(time_ids=("original_height", "original_width"))
+    ours = UNet(REFINER_LIKE).eval()
+    x, t, context, pooled, _ = make_inputs(REFINER_LIKE)
+    with pytest.raises(ValueError, match="takes 5 per sample: original_height, .*aesthetic_score"):
+        ours(x, t, context, pooled, torch.zeros(2, 6))  # the base's six ids given to a refiner
 
 
 @pytest.mark.parametrize(
@@ -283,3 +344,25 @@ def test_sdxl_base_full_size_matches_diffusers_fp32():
         gc.collect()
         got = ours(x, t, context, pooled, time_ids)
     assert_matches_reference(got, expected, "full-size SDXL base UNet forward, fp32")
+
+
+@pytest.mark.slow
+def test_sdxl_refiner_full_size_matches_diffusers_fp32():
+    """2.26B parameters in fp32, shared by the reference and ours (9.0 GB); five time ids with the aesthetic score."""
+    torch.manual_seed(0)
+    ref = UNet2DConditionModel(**reference_configs.SDXL_REFINER).eval()
+    cfg = UNetConfig.sdxl_refiner()
+    with torch.device("meta"):
+        ours = UNet(cfg).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)  # same tensors, no copy
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 32, 32, generator=g)
+    t = torch.tensor([999, 17])
+    context = torch.randn(2, 77, 1280, generator=g)
+    pooled = torch.randn(2, cfg.pooled_text_dim, generator=g)
+    time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 6.0], [1024.0, 1024.0, 0.0, 0.0, 2.5]])
+    with torch.no_grad():
+        expected = reference_forward(ref, x, t, context, pooled, time_ids)
+        gc.collect()
+        got = ours(x, t, context, pooled, time_ids)
+    assert_matches_reference(got, expected, "full-size SDXL refiner UNet forward, fp32")
