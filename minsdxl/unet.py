@@ -45,9 +45,10 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 def maybe_checkpoint(module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
     """Run `module(*args)`; with gradient checkpointing on, under the module's policy ("full": keep only
     its inputs for backward, "selective": also the outputs that are expensive to recompute;
-    minsdxl/checkpointing.py)."""
+    minsdxl/checkpointing.py). After minsdxl.compile, the same call compiled."""
     policy = getattr(module, "gradient_checkpointing", None) if torch.is_grad_enabled() else None
-    return checkpointing.run(module, *args, policy=policy)
+    run = getattr(module, "compiled_run", checkpointing.run)
+    return run(module, *args, policy=policy)
 
 
 class TimestepEmbedding(nn.Module):
