@@ -114,7 +114,11 @@ class LoRALayer(nn.Module):
             return out
         if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
             return out  # kohya's module dropout: skip the whole adapter for this step
-        lx = self.dropout(x).to(self.lora_down.weight.dtype)
+        lx = self.dropout(x)
+        if self.magnitude is not None or not torch.is_autocast_enabled(lx.device.type):
+            # (Under autocast the matmuls cast their inputs to the compute dtype themselves: an fp32 copy
+            # of x for fp32 adapters would only be cast straight back.)
+            lx = lx.to(self.lora_down.weight.dtype)
         h = self.lora_down(lx)  # (..., r) or (B, r, H, W)
         if self.training and self.rank_dropout:  # kohya's rank dropout: zero whole ranks, rescale the rest
             if isinstance(self.base, nn.Conv2d):

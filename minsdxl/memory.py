@@ -448,7 +448,7 @@ def _together(first, second):
 def _seams(train, tracker: Tracker, target: str, chosen: dict):
     """What the simulation changes in the program it runs: autocast and SDPA as on `target`, and the
     staging of models as host/device bookkeeping instead of copies."""
-    saved = (train.autocast, train.staged, F.scaled_dot_product_attention)
+    saved = (train.autocast, train.staged, F.scaled_dot_product_attention, torch.is_autocast_enabled)
 
     def autocast(device, dtype):
         if dtype == torch.float32:
@@ -480,11 +480,12 @@ def _seams(train, tracker: Tracker, target: str, chosen: dict):
     from . import checkpointing
     torch_checkpoint = checkpointing.checkpoint
     train.autocast, train.staged, F.scaled_dot_product_attention = autocast, staged, attention_model(target, saved[2], chosen)
+    torch.is_autocast_enabled = lambda *device: bool(_AUTOCAST) or saved[3](*device)  # what the LoRA layers ask
     checkpointing.checkpoint = checkpoint
     try:
         yield
     finally:
-        train.autocast, train.staged, F.scaled_dot_product_attention = saved
+        train.autocast, train.staged, F.scaled_dot_product_attention, torch.is_autocast_enabled = saved
         checkpointing.checkpoint = torch_checkpoint
 
 

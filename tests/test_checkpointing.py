@@ -83,15 +83,20 @@ def assert_same(got, expected, what: str, exact: bool) -> None:
 
 
 class CountOps(TorchDispatchMode):
-    """The aten ops that run inside the context, each with the recompute cost of every call."""
+    """The aten ops that run inside the context, each with the recompute cost of every call, and the
+    shapes of the tensors that casts (aten._to_copy) make."""
 
     def __init__(self):
         super().__init__()
         self.costs: dict = {}
+        self.shapes: list[tuple] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.costs.setdefault(func, []).append(checkpointing.recompute_cost(func, args))
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if func is aten._to_copy.default:
+            self.shapes.append(tuple(out.shape))
+        return out
 
 
 # --- the policies --------------------------------------------------------------------------------------
@@ -231,3 +236,23 @@ def test_compiled_blocks_match_eager(tiny_keep_cost):
     assert compile_repeated_blocks(unet) is True
     unet.set_gradient_checkpointing("selective")
     assert_same(step(unet, inputs), expected, "compiled (inductor), selective checkpointing", exact=False)
+
+
+# --- the LoRA layer under autocast ---------------------------------------------------------------------
+
+def test_lora_under_autocast_computes_in_the_compute_dtype_without_copying_its_input():
+    """bf16 frozen weights, fp32 adapters, bf16 autocast (train.py's mixed precision): the adapter's
+    matmuls take the bf16 activation as it is (autocast casts the fp32 factors, once), so no fp32 copy of
+    the activation is made; the result is what the bf16 matmuls give."""
+    torch.manual_seed(0)
+    layer = lora.LoRALayer(torch.nn.Linear(64, 32).to(torch.bfloat16).requires_grad_(False), rank=4,
+                           dtype=torch.float32, init="gaussian")
+    torch.nn.init.normal_(layer.lora_up.weight, std=0.1)
+    x = torch.randn(2, 10, 64).to(torch.bfloat16)
+    with CountOps() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert aten._to_copy.default in ops.costs  # autocast's casts of the fp32 factors
+    copies = [s for s in ops.shapes if s == tuple(x.shape)]
+    assert not copies, "an fp32 copy of the input"
+    down, up = layer.lora_down.weight.to(torch.bfloat16), layer.lora_up.weight.to(torch.bfloat16)
+    assert torch.equal(y, layer.base(x) + F.linear(F.linear(x, down), up) * layer.scale)
