@@ -27,6 +27,7 @@ from PIL import Image, PngImagePlugin
 
 import lora
 from minsdxl.cli import HelpFormatter, given_flags
+from minsdxl.compile import compile_repeated_blocks
 from minsdxl.fp8 import quantize_fp8
 from minsdxl.generate import GenerationError, Models, compare_grid, generate
 from minsdxl.loading import LoadError, load_text_encoders, load_tokenizers, load_unet, load_vae
@@ -66,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--fp8_base", action="store_true",
       help="store the UNet's Linear/Conv weights in float8 (e4m3), upcast per layer: about half the weight memory; "
            "a --lora stays a separate layer (one, not merged)")
+    a("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+      help="the UNet's convolutions in channels-last (NHWC) layout, faster on this project's devices (docs/performance.md)")
+    a("--compile", action="store_true",
+      help="torch.compile the UNet's repeated blocks (minsdxl/compile.py); says so and runs eager if no compiler works")
     a("--lowvram", action="store_true",
       help="keep models on the CPU; move each stage to the GPU only while it runs (8-12 GB cards)")
     a("--compare", action="store_true",
@@ -208,6 +213,10 @@ def main(args: argparse.Namespace) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     models = load_models(args, device, dtype)
+    if args.channels_last:
+        models.unet.to(memory_format=torch.channels_last)
+    if args.compile:
+        compile_repeated_blocks(models.unet, device=device)
     settings = dict(steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler, karras=args.karras,
                     width=args.width, height=args.height, device=device, dtype=dtype, lowvram=args.lowvram,
                     vae_tiling=args.vae_tiling, prediction_type=args.prediction_type)

@@ -41,7 +41,9 @@ from tqdm.auto import tqdm
 
 import lora
 from lora.files import write_safetensors
+from minsdxl.checkpointing import POLICIES
 from minsdxl.cli import HelpFormatter
+from minsdxl.compile import compile_repeated_blocks
 from minsdxl.data import BucketBatchSampler, DataError, Dataset, drop_caption, make_demo_dataset, seeded_generator
 from minsdxl.fp8 import quantize_fp8
 from minsdxl.generate import Models, compare_grid, decode, generate, text_conditioning
@@ -127,7 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num_train_epochs", type=int, default=100)
     a("--max_train_steps", type=int, help="total optimizer steps; overrides --num_train_epochs")
     a("--gradient_accumulation_steps", type=int, default=1)
-    a("--gradient_checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    a("--gradient_checkpointing", nargs="?", const="full", choices=POLICIES, metavar="{" + ",".join(POLICIES) + "}",
+      help="recompute activations in backward (less memory); alone: full. selective keeps what is expensive to "
+           "recompute (minsdxl/checkpointing.py, docs/performance.md)")
+    a("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+      help="the UNet's convolutions in channels-last (NHWC) layout, faster on this project's devices (docs/performance.md)")
+    a("--compile", action="store_true",
+      help="torch.compile the UNet's repeated blocks (minsdxl/compile.py); says so and runs eager if no compiler works")
     a("--learning_rate", type=float, default=1e-4)
     a("--scale_lr", action="store_true", help="multiply the learning rate by batch size x accumulation x world size")
     a("--lr_scheduler", default="constant", choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"])
@@ -783,7 +791,7 @@ def validation_images(unet, vae, text_encoders, tokenizers, args, device, weight
 CHANGEABLE_ON_RESUME = {
     "learning_rate", "text_encoder_lr", "scale_lr", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power",
     "max_train_steps", "num_train_epochs", "max_grad_norm", "snr_gamma", "noise_offset", "caption_dropout",
-    "lora_dropout", "rank_dropout", "module_dropout", "gradient_checkpointing", "checkpointing_steps",
+    "lora_dropout", "rank_dropout", "module_dropout", "gradient_checkpointing", "channels_last", "compile", "checkpointing_steps",
     "checkpoints_total_limit", "validation_prompt", "num_validation_images", "validation_epochs", "validation_steps",
     "validation_inference_steps", "debug_loss",
 }
@@ -1059,6 +1067,8 @@ def run(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) -> d
             if args.fp8_base:
                 log(f"fp8 base: {quantize_fp8(unet, weight_dtype)}")
                 unet.to(device)
+            if args.channels_last:
+                unet.to(memory_format=torch.channels_last)
     except LoadError as e:
         raise SystemExit(f"train.py: error: {e}") from None
     if not cache_latents:
@@ -1072,6 +1082,8 @@ def run(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) -> d
         adapted, trainable_named = add_adapters(args, unet, text_encoders, log)
     trainable = list(trainable_named.values())
     unet.set_gradient_checkpointing(args.gradient_checkpointing)
+    if args.compile:
+        compile_repeated_blocks(unet, log=log)
 
     # 6. Optimizer, noise generator, and resume
     groups = [{"params": [p for n, p in trainable_named.items() if not n.startswith(("te1.", "te2."))], "lr": lr}]

@@ -9,6 +9,10 @@ between the two sides' final latents, which should be ~0.
     python bench/sample.py --config tiny --size 256 --steps 10 --repeats 3
     python bench/sample.py --config base --size 256 --steps 4 --repeats 2              # 2.6B UNet, CPU fp32
     python bench/sample.py --config base --size 1024 --steps 30 --dtype bf16 --device cuda
+    python bench/sample.py --config base --size 256 --steps 30 --repeats 2 --channels-last --compile
+
+`--channels-last` and `--compile` apply sample.py's speed flags to our UNet (minsdxl/compile.py);
+the reference stays as diffusers ships it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import PeakMemory, device_name, print_table, random_init_, run_child, sdxl_text_encoder_configs, time_alternating  # noqa: E402
 from minsdxl import UNet, UNetConfig  # noqa: E402
+from minsdxl.compile import compile_repeated_blocks  # noqa: E402
 from minsdxl.generate import Models, generate  # noqa: E402
 from minsdxl.loading import load_tokenizers  # noqa: E402
 from minsdxl.tiny import write_tiny_pipeline  # noqa: E402
@@ -71,6 +76,10 @@ def build(args, tmp: str, sides=("reference", "ours")):
         with torch.device("meta"):
             unet = UNet(cfg)
         unet.load_state_dict(pipe.unet.state_dict(), strict=True, assign=True)  # the same tensors
+        if args.channels_last:  # (the convolutions' weights become our own channels-last copies)
+            unet.to(memory_format=torch.channels_last)
+        if args.compile:
+            compile_repeated_blocks(unet, log=lambda line: print(line, file=sys.stderr))
         models = Models(unet.eval(), pipe.vae, (pipe.text_encoder, pipe.text_encoder_2), (pipe.tokenizer, pipe.tokenizer_2))
     if "reference" not in sides:
         pipe.unet = None
@@ -107,7 +116,9 @@ def main(args):
         pipe, models = build(args, tmp)
         run = runners(args, pipe, models)
         with torch.no_grad():
-            latent_diff = (run["ours"](return_latents=True).float() - run["reference"]("latent").float()).abs().max()
+            reference = run["reference"]("latent").float()
+            latent_diff = (run["ours"](return_latents=True).float() - reference).abs().max()
+            latent_rel = latent_diff / reference.abs().max()
         times = time_alternating(run, args.repeats, args.device)
         rows = [("seconds per image", times["reference"], times["ours"], "s")]
         if torch.device(args.device).type == "cuda":
@@ -121,8 +132,10 @@ def main(args):
             gc.collect()  # the pipeline holds reference cycles: free its 14 GB before the children load theirs
             peaks = {side: run_child(__file__, "--memory-only", side)["peak"] for side in ("reference", "ours")}
     rows.append(("peak memory above weights", peaks["reference"], peaks["ours"], "bytes"))
+    options = ", ".join(name for name, on in (("channels-last", args.channels_last), ("compiled blocks", args.compile)) if on)
     print_table(f"generation, {args.config}, {args.size}x{args.size}, {args.steps} Euler steps, CFG {GUIDANCE}, "
-                f"{args.dtype}, {args.repeats} repeats, {device_name(args.device)}; max |latents ours - ref| = {latent_diff:.2e}", rows)
+                f"{args.dtype}, {args.repeats} repeats, {device_name(args.device)}, ours {options or 'eager, NCHW'}; "
+                f"max |latents ours - ref| = {latent_diff:.2e} ({latent_rel:.1e} of max |ref|)", rows)
 
 
 def parse_args(argv=None):
@@ -133,6 +146,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--channels-last", action="store_true", help="our UNet in channels-last layout")
+    p.add_argument("--compile", action="store_true", help="our UNet's repeated blocks compiled")
     p.add_argument("--memory-only", choices=["reference", "ours"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

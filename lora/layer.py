@@ -32,6 +32,11 @@ import torch.nn.functional as F
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
+def autocasting(x: torch.Tensor) -> bool:
+    """Whether autocast is on for x's device (the meta device has no autocast)."""
+    return torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+
+
 class LoRALayer(nn.Module):
     """Wraps an nn.Linear or nn.Conv2d; only `lora_down`, `lora_up` (and DoRA's `magnitude`) train."""
 
@@ -115,7 +120,7 @@ class LoRALayer(nn.Module):
         if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
             return out  # kohya's module dropout: skip the whole adapter for this step
         lx = self.dropout(x)
-        if self.magnitude is not None or not torch.is_autocast_enabled(lx.device.type):
+        if self.magnitude is not None or not autocasting(lx):
             # (Under autocast the matmuls cast their inputs to the compute dtype themselves: an fp32 copy
             # of x for fp32 adapters would only be cast straight back.)
             lx = lx.to(self.lora_down.weight.dtype)

@@ -68,9 +68,10 @@ def recompute_cost(op, args) -> int:
 
 
 def _keep_expensive(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    # MUST_, not PREFER_: a PREFER_ is a hint the compiler's partitioner may override (minsdxl.compile)
     if recompute_cost(op, args) >= KEEP_COST:
         return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_RECOMPUTE
 
 
 def run(module: torch.nn.Module, *args: torch.Tensor, policy: str | None) -> torch.Tensor:

@@ -15,6 +15,10 @@ that shape (their weights are its inputs), and the block's gradient checkpointin
 so that the selective policy's choice of what to keep reaches the compiler's own split of forward and
 backward (AOTAutograd's partitioner honours torch.utils.checkpoint's policy tags).
 
+On the CPU, inductor gives convolutions channels-last activations (what oneDNN runs fastest); the
+weights should then be channels-last too (train.py's and sample.py's --channels_last, the default),
+or every convolution converts its weight when it runs.
+
 A compiler may be missing or broken (inductor needs a C++ compiler on the CPU and Triton on a GPU).
 `compile_repeated_blocks` first compiles and runs, forward and backward, a small probe on the model's
 device; if that fails it says so in one line and leaves the model eager.
@@ -54,18 +58,26 @@ def compiler_problem(device: torch.device | str, backend="inductor") -> str | No
     return None
 
 
-def compile_repeated_blocks(model: torch.nn.Module, backend="inductor", log=print) -> bool:
+def compile_repeated_blocks(model: torch.nn.Module, backend="inductor", log=print,
+                            device: torch.device | str | None = None) -> bool:
     """Compile every ResnetBlock2D and BasicTransformerBlock of `model` (a UNet) together with its
     checkpointing. Returns False, having said why in one line, when no compiler works here (the model
-    then runs eager, unchanged). `backend`: torch.compile's (a name or a callable)."""
+    then runs eager, unchanged). `backend`: torch.compile's (a name or a callable); `device`: where the
+    model will run (default: where its weights are; sample.py --lowvram keeps them on the CPU)."""
     blocks = [m for m in model.modules() if isinstance(m, REPEATED_BLOCKS)]
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no ResnetBlock2D or BasicTransformerBlock to compile")
-    device = next(model.parameters()).device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     problem = compiler_problem(device, backend)
     if problem:
         log(f"--compile: torch.compile does not work on {device.type} here ({problem}); running eager")
         return False
+    nchw = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.dim() == 4
+            and not m.weight.is_contiguous(memory_format=torch.channels_last)]
+    if device.type == "cpu" and nchw:
+        log("--compile: note: on the CPU inductor runs convolutions on channels-last activations; with NCHW weights "
+            "each one converts its weight at every call (slower, and a weight-sized copy at a time: measured +800 MiB "
+            "at SDXL's peak). --channels_last avoids it.")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     compiled = torch.compile(checkpointing.run, backend=backend, dynamic=False)
     for block in blocks:

@@ -448,7 +448,8 @@ def _together(first, second):
 def _seams(train, tracker: Tracker, target: str, chosen: dict):
     """What the simulation changes in the program it runs: autocast and SDPA as on `target`, and the
     staging of models as host/device bookkeeping instead of copies."""
-    saved = (train.autocast, train.staged, F.scaled_dot_product_attention, torch.is_autocast_enabled)
+    import lora.layer
+    saved = (train.autocast, train.staged, F.scaled_dot_product_attention, lora.layer.autocasting)
 
     def autocast(device, dtype):
         if dtype == torch.float32:
@@ -480,12 +481,12 @@ def _seams(train, tracker: Tracker, target: str, chosen: dict):
     from . import checkpointing
     torch_checkpoint = checkpointing.checkpoint
     train.autocast, train.staged, F.scaled_dot_product_attention = autocast, staged, attention_model(target, saved[2], chosen)
-    torch.is_autocast_enabled = lambda *device: bool(_AUTOCAST) or saved[3](*device)  # what the LoRA layers ask
+    lora.layer.autocasting = lambda x: bool(_AUTOCAST) or saved[3](x)  # what the LoRA layers ask
     checkpointing.checkpoint = checkpoint
     try:
         yield
     finally:
-        train.autocast, train.staged, F.scaled_dot_product_attention, torch.is_autocast_enabled = saved
+        train.autocast, train.staged, F.scaled_dot_product_attention, lora.layer.autocasting = saved
         checkpointing.checkpoint = torch_checkpoint
 
 
