@@ -57,6 +57,7 @@ from minsdxl.cache import Cache, Conditioning, model_identity
 from minsdxl.data import BucketBatchSampler, DataError, Dataset, drop_caption, seeded_generator
 from minsdxl.distributed import Distributed, local
 from minsdxl.ema import EMA
+from minsdxl.compile import compile_repeated_blocks
 from minsdxl.fp8 import quantize_fp8
 from minsdxl.fused_backward import PerParameterOptimizer
 from minsdxl.generate import Models
@@ -428,6 +429,8 @@ def load_frozen_unet(run: Run, frozen: Frozen) -> UNet:
             if args.fp8_base:
                 run.log(f"fp8 base: {quantize_fp8(unet, run.weight_dtype)}")
                 unet.to(device)
+            if args.channels_last:  # NHWC convolutions, what oneDNN and tensor cores run fastest (docs/performance.md)
+                unet.to(memory_format=torch.channels_last)
     except LoadError as e:
         raise SystemExit(f"train.py: error: {e}") from None
     if not args.cache_latents:
@@ -669,7 +672,9 @@ def train(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) ->
     else:
         with run.meter.phase("add LoRA"):
             adapted, trainable_named = add_adapters(args, unet, frozen.text_encoders, log)
-    unet.set_gradient_checkpointing(args.gradient_checkpointing)
+    unet.set_gradient_checkpointing(args.gradient_checkpointing)  # none, full or selective (minsdxl/checkpointing.py)
+    if args.compile:
+        compile_repeated_blocks(unet, log=log)  # each repeated block type compiled once (minsdxl/compile.py)
     # 6. Optimizer, EMA, loss scaler (fp16), and the checkpoint's state when resuming.
     groups = optimizer_groups(args, trainable_named, data.lr)
     optimizer = (make_full_optimizer(args, trainable_named, data.lr, run.device, run.seed, ddp.rank) if args.full_finetune
