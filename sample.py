@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--fp8_base", action="store_true",
       help="store the UNet's Linear/Conv weights in float8 (e4m3), upcast per layer: about half the weight memory; "
            "a --lora stays a separate layer (one, not merged)")
-    a("--channels_last", action=argparse.BooleanOptionalAction, default=True,
-      help="the UNet's convolutions in channels-last (NHWC) layout, faster on this project's devices (docs/performance.md)")
+    a("--channels_last", action="store_true",
+      help="the UNet's convolutions in channels-last (NHWC) layout; off by default: no device measured so far runs "
+           "it faster (docs/performance.md)")
     a("--compile", action="store_true",
       help="torch.compile the UNet's repeated blocks (minsdxl/compile.py); says so and runs eager if no compiler works")
     a("--lowvram", action="store_true",

@@ -16,7 +16,7 @@ so that the selective policy's choice of what to keep reaches the compiler's own
 backward (AOTAutograd's partitioner honours torch.utils.checkpoint's policy tags).
 
 On the CPU, inductor gives convolutions channels-last activations (what oneDNN runs fastest); the
-weights should then be channels-last too (train.py's and sample.py's --channels_last, the default),
+weights should then be channels-last too (add --channels_last to train.py or sample.py with --compile on the CPU),
 or every convolution converts its weight when it runs.
 
 A compiler may be missing or broken (inductor needs a C++ compiler on the CPU and Triton on a GPU).

@@ -98,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--gradient_checkpointing", nargs="?", const="full", choices=POLICIES, metavar="{" + ",".join(POLICIES) + "}",
       help="recompute activations in backward (less memory); alone: full. selective keeps what is expensive to "
            "recompute (minsdxl/checkpointing.py, docs/performance.md)")
-    a("--channels_last", action=argparse.BooleanOptionalAction, default=True,
-      help="the UNet's convolutions in channels-last (NHWC) layout, faster on this project's devices (docs/performance.md)")
+    a("--channels_last", action="store_true",
+      help="the UNet's convolutions in channels-last (NHWC) layout; off by default: no device measured so far runs "
+           "it faster (docs/performance.md), and FSDP2 (torchrun --full_finetune) cannot shard NHWC weights")
     a("--compile", action="store_true",
       help="torch.compile the UNet's repeated blocks (minsdxl/compile.py); says so and runs eager if no compiler works")
     a("--learning_rate", type=float, default=1e-4)
@@ -317,6 +318,9 @@ def check_full_finetune(args: argparse.Namespace) -> None:
                f"as soon as it is made, so there is nothing to accumulate into" if args.gradient_accumulation_steps > 1
                else f"torchrun ({world} processes): FSDP2 reduces the gradients between processes after backward"
                if world > 1 else None)
+    if args.channels_last and world > 1:
+        fail(f"--channels_last cannot be combined with --full_finetune under torchrun ({world} processes): FSDP2 "
+             f"shards only contiguous (NCHW) weights. Remove --channels_last.")
     if args.fused_backward_pass and why_not:
         fail(f"--fused_backward_pass cannot run with {why_not}. Remove --fused_backward_pass (the step then runs after "
              f"backward and keeps a full set of gradients: 2 bytes more per parameter), or change the other flag.")

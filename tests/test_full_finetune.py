@@ -278,6 +278,15 @@ def test_bad_combinations_name_the_flag(argv, message):
         train.check_args(train.parse_args(BASE + argv))
 
 
+def test_channels_last_is_refused_where_fsdp2_shards(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; FSDP2 shards only contiguous (NCHW) weights
+    with pytest.raises(SystemExit, match=r"--channels_last cannot be combined with --full_finetune under torchrun"):
+        train.check_args(train.parse_args(BASE + ["--full_finetune", "--channels_last"]))
+    args = train.parse_args(BASE + ["--full_finetune"])
+    assert not args.channels_last  # the default: NCHW
+    train.check_args(args)
+
+
 def test_full_finetune_defaults_and_its_own_config_file(tmp_path):
     args = train.parse_args(BASE + ["--full_finetune"])
     train.check_args(args)

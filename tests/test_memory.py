@@ -110,7 +110,7 @@ def test_full_finetuning_at_1024_fits_8gb_with_the_fused_step():
     """docs/training.md's figures: `python -m minsdxl.memory --resolution 1024 --full_finetune` (bf16 with
     stochastic rounding, Adafactor, the step fused into backward, checkpointing, batch 1), and without fusing."""
     fused = memory.simulate(memory.parse_args(["--resolution", "1024", "--full_finetune"])[0])
-    assert "full fine-tuning, step fused into backward, bf16, adafactor, checkpointing on" in fused.title
+    assert "full fine-tuning, step fused into backward, bf16, adafactor, checkpointing full" in fused.title
     assert all(p.peak + fused.extra_bytes <= 8 * GB for p in fused.phases), fused.table()
     step = fused.phase("train step")
     assert step.by_kind["backward"] < 0.5 * GB  # no full set of gradients: one tensor's at a time
