@@ -473,8 +473,9 @@ def fill_caches(run: Run, data: Data, frozen: Frozen) -> Conditioning:
 
 def add_class_images(run: Run, data: Data, frozen: Frozen) -> None:
     """2b. --with_prior_preservation: the class images. Those --class_data_dir lacks are generated first
-    with the model being trained (its UNet loaded into CPU memory for it and freed after; the text encoders,
-    the UNet and the VAE each on the device only for its part), each process its share; then they are
+    with the model being trained (its UNet loaded into CPU memory for it, in float8 with --fp8_base, and
+    freed after; the text encoders, the UNet and the VAE each on the device only for its part), each
+    process its share; then they are
     read like any dataset, every image with --class_prompt, not flipped (as diffusers' class images)."""
     args, ddp = run.args, run.ddp
     folder = Path(args.class_data_dir)
@@ -484,6 +485,8 @@ def add_class_images(run: Run, data: Data, frozen: Frozen) -> None:
         dtype = generation_dtype(args)
         with run.meter.phase("class images"):
             unet = load_model_unet(run, dtype, "cpu")
+            if args.fp8_base:  # the model as it trains: float8 weights (and the memory --fp8_base was chosen for)
+                quantize_fp8(unet, dtype)
             models = Models(unet, frozen.vae, frozen.text_encoders, frozen.tokenizers)
             made = generate_class_images(models, args.class_prompt, missing[ddp.rank::ddp.world], folder, seed=run.seed,
                                          resolution=args.resolution, batch_size=args.sample_batch_size, device=run.device,

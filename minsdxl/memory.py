@@ -10,6 +10,8 @@ seconds for the full model) under a tracker that sees every tensor storage the p
 and frees (`Tracker`, a TorchDispatchMode), phase by phase, in the order train.py runs them:
 
     load encoders   the text encoders and the VAE, into CPU memory (nothing on the device)
+    class images    --with_prior_preservation, when class images are missing: the text encoders, then the UNet
+                    (denoising one --sample_batch_size batch under guidance), then the VAE, one at a time
     cache latents   the VAE alone on the device, encoding one image at --resolution (minsdxl.cache.encode_image)
     cache text      the text encoders alone on the device, encoding one caption (minsdxl.cache.encode_captions)
     load UNet       the frozen UNet in its dtype (--fp8_base: float8 weights), plus the encoders a step needs
@@ -681,6 +683,9 @@ def _class_images(args: argparse.Namespace, tracker: Tracker, tes, tokenizers, v
     with tracker.phase("class images", "weights"):
         with tracker.paused():
             unet = _unet(args, dtype, local)
+            if getattr(args, "fp8_base", False):  # as train.py: the model as it trains
+                from .fp8 import quantize_fp8
+                quantize_fp8(unet, dtype)
         tracker.register(unet, host=True)
         with tracker.labelled("activations"):
             generate_class_images(Models(unet, vae, tes, tokenizers), args.class_prompt or "a photo of a dog",

@@ -357,3 +357,5 @@ def test_memory_simulator_sees_the_doubled_batch_and_the_class_images():
     step = lambda plan: plan.phase("train step").peak
     assert step(doubled) == pytest.approx(step(plain), rel=1e-3)  # batch 1 + 1 class image: the step of batch 2
     assert doubled.phase("class images").by_kind["weights"] > 0 and "class images" not in [p.name for p in plain.phases]
+    fp8 = simulate(parse_args(["--demo", "--device", "cpu", "--with_prior_preservation", "--fp8_base"])[0])
+    assert fp8.phase("class images").by_kind["weights"] < doubled.phase("class images").by_kind["weights"]
