@@ -259,6 +259,26 @@ def test_only_missing_class_images_are_generated_and_seeded(prior_run, tiny, tmp
     assert again.name.startswith("1-") and np.abs(np.asarray(Image.open(again), dtype=np.int16) - original).max() <= 1
 
 
+def test_a_stopped_generation_keeps_the_finished_images(tiny, tmp_path, monkeypatch):
+    """Each batch's images are on disk before the next starts, each file whole: a stop loses only its batch."""
+    from minsdxl import dreambooth
+    real_decode, calls = dreambooth.decode, []
+
+    def decode(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C while the second batch is made
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(dreambooth, "decode", decode)
+    models = Models(load_unet(tiny), load_vae(tiny), load_text_encoders(tiny), load_tokenizers(tiny))
+    with pytest.raises(KeyboardInterrupt):
+        generate_class_images(models, "a shape", [0, 1, 2], tmp_path, seed=0, resolution=64, batch_size=2, steps=2,
+                              device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["0", "1"]
+    assert missing_class_indices(tmp_path, 3) == [2]  # what the next run makes
+
+
 def test_prior_preservation_batches_pair_instance_and_class_images(prior_run, tiny):
     """Each batch is [instance images with the instance prompt; class images with the class prompt]."""
     tmp, summary, calls, _ = prior_run
