@@ -35,6 +35,7 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 import lora
 from minsdxl.cli import HelpFormatter, given_flags
+from minsdxl.compile import compile_repeated_blocks
 from minsdxl.fp8 import quantize_fp8
 from minsdxl.generate import GenerationError, Models, compare_grid, generate, image_to_tensor
 from minsdxl.loading import LoadError, check_text_encoders, load_text_encoders, load_tokenizers, load_unet, load_vae
@@ -87,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--fp8_base", action="store_true",
       help="store the UNet's Linear/Conv weights in float8 (e4m3), upcast per layer: about half the weight memory; "
            "a --lora stays a separate layer (one, not merged)")
+    a("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+      help="the UNet's convolutions in channels-last (NHWC) layout, faster on this project's devices (docs/performance.md)")
+    a("--compile", action="store_true",
+      help="torch.compile the UNet's repeated blocks (minsdxl/compile.py); says so and runs eager if no compiler works")
     a("--lowvram", action="store_true",
       help="keep models on the CPU; move each stage to the GPU only while it runs (8-12 GB cards)")
     a("--compare", action="store_true",
@@ -307,6 +312,11 @@ def main(args: argparse.Namespace) -> dict:
         args.height, args.width = init_image.shape[-2:]
     models = load_models(args, device, dtype)
     refiner = load_refiner(args, device, dtype)
+    for unet in [models.unet] + ([refiner.unet] if refiner else []):
+        if args.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        if args.compile:
+            compile_repeated_blocks(unet, device=device)
     settings = generation_settings(args, device, dtype, init_image is not None, refiner is not None)
     # What the PNG records besides `settings` (paths, not the models and the image themselves)
     sources = {"model": args.pretrained_model_name_or_path, "refiner": args.refiner, "init_image": args.init_image}

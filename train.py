@@ -62,6 +62,7 @@ from minsdxl.data import BucketBatchSampler, DataError, Dataset, drop_caption, s
 from minsdxl.distributed import Distributed, local
 from minsdxl.dreambooth import class_images, generate_class_images, generation_dtype, missing_class_indices
 from minsdxl.ema import EMA
+from minsdxl.compile import compile_repeated_blocks
 from minsdxl.fp8 import quantize_fp8
 from minsdxl.fused_backward import PerParameterOptimizer
 from minsdxl.generate import Models
@@ -487,6 +488,8 @@ def add_class_images(run: Run, data: Data, frozen: Frozen) -> None:
             unet = load_model_unet(run, dtype, "cpu")
             if args.fp8_base:  # the model as it trains: float8 weights (and the memory --fp8_base was chosen for)
                 quantize_fp8(unet, dtype)
+            if args.channels_last:
+                unet.to(memory_format=torch.channels_last)
             models = Models(unet, frozen.vae, frozen.text_encoders, frozen.tokenizers)
             made = generate_class_images(models, args.class_prompt, missing[ddp.rank::ddp.world], folder, seed=run.seed,
                                          resolution=args.resolution, batch_size=args.sample_batch_size, device=run.device,
@@ -531,6 +534,8 @@ def load_frozen_unet(run: Run, frozen: Frozen) -> UNet:
         if args.fp8_base:
             run.log(f"fp8 base: {quantize_fp8(unet, run.weight_dtype)}")
             unet.to(device)
+        if args.channels_last:  # NHWC convolutions, what oneDNN and tensor cores run fastest (docs/performance.md)
+            unet.to(memory_format=torch.channels_last)
     if not args.cache_latents:
         frozen.vae.to(device)  # every step encodes its images
     if args.train_text_encoder or not args.cache_text_embeddings:
@@ -776,7 +781,9 @@ def train(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) ->
     else:
         with run.meter.phase("add LoRA"):
             adapted, trainable_named = add_adapters(args, unet, frozen.text_encoders, log)
-    unet.set_gradient_checkpointing(args.gradient_checkpointing)
+    unet.set_gradient_checkpointing(args.gradient_checkpointing)  # none, full or selective (minsdxl/checkpointing.py)
+    if args.compile:
+        compile_repeated_blocks(unet, log=log)  # each repeated block type compiled once (minsdxl/compile.py)
     # 6. Optimizer, EMA, loss scaler (fp16), and the checkpoint's state when resuming.
     groups = optimizer_groups(args, trainable_named, data.lr)
     optimizer = (make_full_optimizer(args, trainable_named, data.lr, run.device, run.seed, ddp.rank) if args.full_finetune

@@ -9,6 +9,10 @@ values; 1024x1024 pixels = 128x128 latents, batch 1, LoRA rank 16 on to_q/to_k/t
 fp32 adapters, gradient checkpointing, cached latents and text, AdamW):
 
     bf16        bench/train_step.py, ours and diffusers + peft: seconds per step, peak VRAM, MFU
+    selective, channels_last, compile, all_options
+                ours with a speed option (bench/train_step.py's OPTIONS): selective checkpointing, channels-last,
+                channels-last + compiled blocks, all three
+    no_ckpt     no checkpointing on either side; no_ckpt_compile ours with channels-last and compiled blocks
     fp16        the same in fp16, the loss scaled by a GradScaler
     fp8_base    ours with the frozen weights in float8_e4m3fn (minsdxl.fp8), bf16 compute
     adamw8bit   bitsandbytes' 8-bit AdamW, both sides
@@ -63,13 +67,30 @@ PEAK_BF16_TFLOPS = {  # dense bf16 tensor-core peak (no sparsity), NVIDIA datash
 }
 PROMPT, NEGATIVE = "a photo of a corgi on a beach", "blurry"
 # Training rows: (row, what, bench/train_step.py flags, train.py flags for the simulator, sides)
-# {dtype} is bf16 on CUDA; on the CPU (the dry run) fp32, as bf16 matmuls are slow there.
+# {dtype} is bf16 on CUDA; on the CPU (the dry run) fp32, as bf16 matmuls are slow there. The rows after
+# bf16 each change one speed option of our side (bench/train_step.py's OPTIONS), then all of them, then
+# the same without checkpointing on both sides.
 TRAIN_ROWS = [
     ("bf16", "train step, {dtype}", [], [], ("ours", "reference")),
+    ("selective", "train step, {dtype}, --gradient_checkpointing selective", ["--option", "selective checkpointing"],
+     ["--gradient_checkpointing", "selective"], ("ours",)),
+    ("channels_last", "train step, {dtype}, channels-last", ["--option", "channels-last"], [], ("ours",)),
+    ("compile", "train step, {dtype}, channels-last + compiled blocks", ["--option", "channels-last + compiled"], [],
+     ("ours",)),
+    ("all_options", "train step, {dtype}, channels-last + compiled + selective", ["--option",
+     "channels-last + compiled + selective"],
+     ["--gradient_checkpointing", "selective"], ("ours",)),
+    ("no_ckpt", "train step, {dtype}, no checkpointing", ["--no-checkpointing"], ["--gradient_checkpointing", "none"],
+     ("ours", "reference")),
+    ("no_ckpt_compile", "train step, {dtype}, no checkpointing, channels-last + compiled", ["--no-checkpointing", "--option",
+     "channels-last + compiled"], ["--gradient_checkpointing", "none"], ("ours",)),
     ("fp16", "train step, fp16 + GradScaler", ["--dtype", "fp16"], ["--mixed_precision", "fp16"], ("ours", "reference")),
     ("fp8_base", "train step, {dtype}, fp8 base weights", ["--fp8-base"], ["--fp8_base"], ("ours",)),
     ("adamw8bit", "train step, {dtype}, 8-bit AdamW", ["--optimizer", "adamw8bit"], ["--optimizer", "adamw8bit"], ("ours", "reference")),
 ]
+COMPILED_ROWS = {"compile", "all_options", "no_ckpt_compile"}  # their own time limit: the first steps compile
+# The recomputation each row's checkpointing does, for its HFU (FLOPs counted with that policy)
+ROW_POLICY = {"selective": "selective", "all_options": "selective", "no_ckpt": "none", "no_ckpt_compile": "none"}
 TRAIN_IDS = [r[0] for r in TRAIN_ROWS]
 ROW_IDS = TRAIN_IDS + ["sample", "load"]
 SIDE_NAMES = {"ours": "ours", "reference": "diffusers + peft"}
@@ -92,10 +113,10 @@ class Plan:
         return self.latent * 8
 
 
-FULL = Plan("base", 128, 30, 2, 5, 470,  # 8 minutes less a margin; typically ~5
-            {"env": 90, "prepare": 180, "train": 90, "flops": 240, "simulator": 300, "sample": 150, "load": 60})
+FULL = Plan("base", 128, 30, 2, 5, 580,  # 10 minutes less a margin
+            {"env": 90, "prepare": 180, "train": 90, "compile": 240, "flops": 240, "simulator": 300, "sample": 150, "load": 60})
 DRY = Plan("tiny", 8, 2, 1, 1, 300,
-           {"env": 90, "prepare": 90, "train": 90, "flops": 90, "simulator": 120, "sample": 90, "load": 60})
+           {"env": 90, "prepare": 90, "train": 90, "compile": 90, "flops": 90, "simulator": 120, "sample": 90, "load": 60})
 
 
 # --- children: each runs in its own process and prints one JSON object last ------------------------
@@ -178,9 +199,13 @@ def child_prepare(args) -> dict:
 
 def child_flops(args) -> dict:
     """FLOPs of one training step of our UNet with its adapters: forward + MSE + backward under
-    FlopCounterMode, with SDPA's math kernel (two matmuls that the counter sees; the fused kernels do
-    the same arithmetic, and the CPU's is not counted at all). The full model runs on the meta device
-    (shapes only); the tiny one on real CPU tensors, which is faster than meta's Python shape functions."""
+    FlopCounterMode, without checkpointing (the model FLOPs) and with each policy's recomputation. The
+    full model runs on the meta device (shapes only), its attention as the GPU's fused kernel (the
+    simulator's model of SDPA, whose FLOPs the counter knows, and which the selective policy sees as one
+    op, as on the GPU); the tiny one on real CPU tensors (faster than meta's Python shape functions)
+    with SDPA's math kernel, two matmuls the counter sees (the CPU's fused kernel is not counted)."""
+    import contextlib
+
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -189,7 +214,7 @@ def child_flops(args) -> dict:
     import lora
     from bench.train_step import TARGETS
     from bench.unet import make_inputs
-    from minsdxl import UNet, UNetConfig
+    from minsdxl import UNet, UNetConfig, memory
 
     cfg = UNetConfig.sdxl_base() if args.config == "base" else UNetConfig.tiny()
     where = torch.device("meta" if args.config == "base" else "cpu")
@@ -197,11 +222,14 @@ def child_flops(args) -> dict:
         model = UNet(cfg).requires_grad_(False)
         lora.inject(model, TARGETS, rank=args.rank, alpha=args.rank, init="gaussian", dtype=torch.float32)
     x, t, context, pooled, time_ids = make_inputs(cfg, 1, args.latent, torch.float32, where)
+    if where.type == "meta":
+        F.scaled_dot_product_attention = memory.attention_model("cuda", F.scaled_dot_product_attention, {})
+    attention = contextlib.nullcontext if where.type == "meta" else lambda: sdpa_kernel(SDPBackend.MATH)
     out = {"counted_on": str(where)}
-    for key, checkpointing in (("flops", False), ("flops_with_recompute", True)):
+    for key, checkpointing in (("flops", "none"), ("flops_with_recompute", "full"), ("flops_selective", "selective")):
         model.set_gradient_checkpointing(checkpointing)
         counter = FlopCounterMode(display=False)
-        with sdpa_kernel(SDPBackend.MATH), counter:
+        with attention(), counter:
             F.mse_loss(model(x, t, context, pooled, time_ids), torch.zeros_like(x)).backward()
         out[key] = counter.get_total_flops()
         out[key + "_by_op"] = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
@@ -311,6 +339,8 @@ def missing(needs: list[str], env: dict, device: str) -> str | None:
     for need in needs:
         if need == "cuda-only" and not device.startswith("cuda"):
             return "runs on CUDA only (bitsandbytes' 8-bit optimizers)"
+        if need == "compiles-on-cuda" and not device.startswith("cuda"):
+            return "compiles on CUDA only (on the CPU inductor spends minutes in the C++ compiler; tests cover the path)"
         if need == "device" and device.startswith("cuda") and not env.get("cuda_available"):
             return f"torch {packages.get('torch')} sees no CUDA device (CUDA build: {env.get('torch_cuda')})"
         if need == "minsdxl.fp8" and need in errors:
@@ -350,7 +380,7 @@ def flop_text(n: float) -> str:
     return f"{n / 1e12:,.2f} TFLOP" if n >= 1e11 else f"{n / 1e9:,.2f} GFLOP"
 
 
-def train_cells(r: dict, sim: dict, flops: dict, peak_tflops: float | None, cuda: bool) -> dict:
+def train_cells(r: dict, sim: dict, flops: dict, peak_tflops: float | None, cuda: bool, row: str = "bf16") -> dict:
     """time / peak / simulator / MFU cells of one measured training row."""
     s = r["seconds_per_step"]
     peak = r["peak_bytes"]
@@ -365,7 +395,8 @@ def train_cells(r: dict, sim: dict, flops: dict, peak_tflops: float | None, cuda
     elif not peak_tflops:
         cells["mfu"] = "n/a (no peak TFLOP/s known for this device; pass --peak-tflops)"
     else:
-        mfu, hfu = (flops["result"][k] / s / (peak_tflops * 1e12) for k in ("flops", "flops_with_recompute"))
+        recompute = {"none": "flops", "selective": "flops_selective"}.get(ROW_POLICY.get(row), "flops_with_recompute")
+        mfu, hfu = (flops["result"][k] / s / (peak_tflops * 1e12) for k in ("flops", recompute))
         cells["mfu"] = f"{100 * mfu:.1f}% (HFU {100 * hfu:.1f}%)"
         r["mfu"], r["hfu"] = mfu, hfu
     return cells
@@ -414,7 +445,9 @@ def table_rows(plan: Plan, device: str, dtype: str, files: dict, model: str | No
         for side in sides:
             needs = ["device", "torch"] + {"fp8_base": ["minsdxl.fp8"], "adamw8bit": ["cuda-only", "bitsandbytes"]}.get(row, [])
             needs += ["diffusers", "peft"] if side == "reference" else []
-            rows.append(Row(row, SIDE_NAMES[side], what.format(dtype=dtype), needs, train + ["--side", side, *flags], "train"))
+            needs += ["compiles-on-cuda"] if row in COMPILED_ROWS else []
+            rows.append(Row(row, SIDE_NAMES[side], what.format(dtype=dtype), needs, train + ["--side", side, *flags],
+                            "compile" if row in COMPILED_ROWS else "train"))
     no_files = f"no files on disk ({files.get('error') or files.get('pipeline_error')})"
     rows.append(Row("sample", "ours", f"sample.py {plan.size}x{plan.size}, {plan.steps} Euler steps, CFG, {dtype}",
                     ["device", "torch", "transformers", "diffusers"],
@@ -436,7 +469,7 @@ def measured_cells(r: Row, sims: dict, flops: dict, peak_tflops: float | None, c
     res = r.result["result"]
     no_sim = {"status": "skipped", "reason": "the dry run predicts its first row only"}
     if r.row in TRAIN_IDS:
-        return train_cells(res, sims.get(r.row, no_sim), flops, peak_tflops, cuda)
+        return train_cells(res, sims.get(r.row, no_sim), flops, peak_tflops, cuda, r.row)
     reserved = f" (reserved {mib(res['peak_reserved_bytes'])})" if cuda else " RSS"
     if r.row == "sample":
         t = res["image_seconds"]
@@ -558,8 +591,9 @@ def header(plan: Plan, env: dict, device: str, flops: dict, peak_tflops: float |
         "- simulator: `python -m minsdxl.memory <train.py flags> --json`, the peak of its 'train step' phase (its modelled "
         "CUDA context and workspaces included); measured / predicted compares it with the allocated peak.",
         (f"- FLOPs per step (FlopCounterMode on {f['counted_on']}, forward + backward, matmul/conv/attention): "
-         f"{flop_text(f['flops'])} without recomputation (MFU), {flop_text(f['flops_with_recompute'])} with "
-         f"checkpointing's recomputed forward (HFU)" if f else f"- FLOPs: not counted ({flops.get('reason')})") +
+         f"{flop_text(f['flops'])} without recomputation (MFU), {flop_text(f['flops_with_recompute'])} with full "
+         f"checkpointing's recomputed forward, {flop_text(f['flops_selective'])} with selective's (HFU)"
+         if f else f"- FLOPs: not counted ({flops.get('reason')})") +
         (f"; peak {peak_tflops:g} TFLOP/s dense bf16 (datasheet)." if peak_tflops else "; no peak figure for this device."),
         "- sample: seconds of the second image's generate() call (text encoding, sampler steps with guidance 5, VAE "
         "decode in fp32), peak over the whole sample.py run including loading; the simulator's figure beside it is "

@@ -19,6 +19,10 @@ decode.
     python bench/sample.py --config base --size 256 --steps 4 --repeats 2              # 2.6B UNet, CPU fp32
     python bench/sample.py --config base --size 1024 --steps 30 --dtype bf16 --device cuda
     python bench/sample.py --config base --size 1024 --steps 30 --dtype bf16 --device cuda --refiner
+    python bench/sample.py --config base --size 256 --steps 30 --repeats 2 --channels-last --compile
+
+`--channels-last` and `--compile` apply sample.py's speed flags to our UNet (minsdxl/compile.py);
+the reference stays as diffusers ships it.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import PeakMemory, device_name, print_table, random_init_, run_child, sdxl_text_encoder_configs, time_alternating  # noqa: E402
 from minsdxl import UNet, UNetConfig  # noqa: E402
+from minsdxl.compile import compile_repeated_blocks  # noqa: E402
 from minsdxl.generate import Models, generate  # noqa: E402
 from minsdxl.loading import load_tokenizers  # noqa: E402
 from minsdxl.tiny import write_tiny_pipeline  # noqa: E402
@@ -109,6 +114,12 @@ def build(args, tmp: str, sides=("reference", "ours")):
             p.to(device, dtype)
     models = ours_of(pipe, False) if "ours" in sides else None
     refiner_models = ours_of(refiner, True) if "ours" in sides and refiner is not None else None
+    for m in (models, refiner_models):
+        if m is not None:
+            if args.channels_last:  # (the convolutions' weights become our own channels-last copies)
+                m.unet.to(memory_format=torch.channels_last)
+            if args.compile:
+                compile_repeated_blocks(m.unet, log=lambda line: print(line, file=sys.stderr))
     if "reference" not in sides:
         pipe.unet = None
         if refiner is not None:
@@ -169,9 +180,10 @@ def main(args):
             peaks = {side: run_child(__file__, "--memory-only", side)["peak"] for side in ("reference", "ours")}
     rows.append(("peak memory above weights", peaks["reference"], peaks["ours"], "bytes"))
     what = f"base + refiner from {REFINER_START}" if args.refiner else "generation"
+    options = ", ".join(name for name, on in (("channels-last", args.channels_last), ("compiled blocks", args.compile)) if on)
     print_table(f"{what}, {args.config}, {args.size}x{args.size}, {args.steps} Euler steps, CFG {GUIDANCE}, "
-                f"{args.dtype}, {args.repeats} repeats, {device_name(args.device)}; max |latents ours - ref| = {latent_diff:.2e} "
-                f"({latent_diff / latent_scale:.1e} of max |ref|)", rows)
+                f"{args.dtype}, {args.repeats} repeats, {device_name(args.device)}, ours {options or 'eager, NCHW'}; "
+                f"max |latents ours - ref| = {latent_diff:.2e} ({latent_diff / latent_scale:.1e} of max |ref|)", rows)
 
 
 def parse_args(argv=None):
@@ -183,6 +195,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--refiner", action="store_true", help="base + refiner (ensemble of experts, refiner from 0.8)")
+    p.add_argument("--channels-last", action="store_true", help="our UNet in channels-last layout")
+    p.add_argument("--compile", action="store_true", help="our UNet's repeated blocks compiled")
     p.add_argument("--memory-only", choices=["reference", "ours"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

@@ -12,6 +12,16 @@ allocated, weights included, which is what has to fit the card, and the peak abo
     python bench/train_step.py --config base --latent 32 --repeats 2                    # CPU, fp32
     python bench/train_step.py --config base --latent 128 --dtype bf16 --device cuda   # 1024x1024, the 8 GB goal
     python bench/train_step.py --config base --latent 128 --dtype bf16 --device cuda --side ours --fp8-base
+    python bench/train_step.py --config base --latent 32 --options --repeats 2          # each speed option, on the CPU
+    python bench/train_step.py --config base --latent 32 --options --no-checkpointing --repeats 2
+    python bench/train_step.py --config base --latent 32 --profile                     # which ops each side runs
+
+`--options` times the reference against our side with each speed option on its own and all together
+(OPTIONS: the checkpointing policy, channels-last, regional compilation; minsdxl/checkpointing.py,
+minsdxl/compile.py), in one alternating loop, prints each one's time and peak memory against the
+reference, and checks its numerics against our eager fully checkpointed path (the first row): the
+UNet output and every LoRA gradient of one forward + backward on the same inputs and adapter values.
+`--option NAME` applies one of them to our side in the other modes.
 
 `--side ours|reference` measures one side alone in this process and prints one JSON line (time of
 each step, peak memory); bench/gpu.py runs its rows that way. `--fp8-base` (minsdxl.fp8: the frozen
@@ -35,9 +45,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora  # noqa: E402
-from bench.common import PeakMemory, device_name, print_table, run_child, sdxl_text_encoder_configs, sync, time_alternating  # noqa: E402
+from bench.common import (PeakMemory, device_name, fmt_bytes, print_table, run_child, sdxl_text_encoder_configs, sync,  # noqa: E402
+                          time_alternating)
 from bench.unet import DTYPES, build, make_inputs  # noqa: E402
 from minsdxl import UNetConfig  # noqa: E402
+from minsdxl.compile import compile_repeated_blocks  # noqa: E402
 from minsdxl.lora_files import LORA_TARGET_PRESETS, TEXT_ENCODER_TARGETS  # noqa: E402
 from minsdxl.schedule import NoiseSchedule  # noqa: E402
 
@@ -51,6 +63,20 @@ VARIANTS = {
     "LoCon (every layer, conv rank 16)": {"targets": LORA_TARGET_PRESETS["all"], "conv_rank": 16},
     "EMA on the device": {"ema": True},
     "text encoders trained too (no text cache)": {"text_encoders": True},
+}
+
+
+# --options: our side's speed options, each alone and combined (with --no-checkpointing the policy does not
+# apply). Each is what train.py does with the flag: --channels_last, --gradient_checkpointing selective,
+# --compile. Compiling is only combined with channels-last: on the CPU inductor gives the convolutions
+# channels-last activations, and NCHW weights are then converted at every call (minsdxl/compile.py).
+OPTIONS = {
+    "baseline: eager, NCHW": {},
+    "channels-last": {"channels_last": True},
+    "selective checkpointing": {"policy": "selective"},
+    "channels-last + selective": {"channels_last": True, "policy": "selective"},
+    "channels-last + compiled": {"channels_last": True, "compile": True},
+    "channels-last + compiled + selective": {"channels_last": True, "compile": True, "policy": "selective"},
 }
 
 
@@ -126,9 +152,24 @@ def step_fn(side: str, model, params, cfg: UNetConfig, args, encoders=None):
     return step
 
 
-def one_side(side: str, cfg: UNetConfig, args, weights=None, before_lora=None):
+def speed_options(model, option: dict) -> None:
+    """Our side's layout before the adapters come (as train.py converts the loaded UNet)."""
+    if option.get("channels_last"):
+        model.to(memory_format=torch.channels_last)
+
+
+def after_lora(model, option: dict, checkpointing: bool) -> None:
+    """Our side's checkpointing policy and compilation, once the adapters are in (as train.py)."""
+    model.set_gradient_checkpointing(option.get("policy", "full") if checkpointing else "none")
+    if option.get("compile"):
+        compile_repeated_blocks(model, log=lambda line: print(line, file=sys.stderr))
+
+
+def one_side(side: str, cfg: UNetConfig, args, weights=None, before_lora=None, option: str | None = None):
     checkpointing = VARIANTS[args.variant].get("checkpointing", args.checkpointing) if side == "ours" else args.checkpointing
     model = build(side, cfg, DTYPES[args.dtype], torch.device(args.device), checkpointing, weights)
+    option = OPTIONS[option or args.option] if side == "ours" else {}
+    speed_options(model, option)
     encoders = None
     if side == "ours" and VARIANTS[args.variant].get("text_encoders"):
         encoders = text_encoders(cfg, DTYPES[args.dtype], torch.device(args.device))  # frozen: before the measurement
@@ -138,6 +179,8 @@ def one_side(side: str, cfg: UNetConfig, args, weights=None, before_lora=None):
     if before_lora:
         before_lora()
     params = add_lora(side, model, args)
+    if side == "ours":
+        after_lora(model, option, checkpointing)
     for te in encoders or ():
         lora.inject(te, TEXT_ENCODER_TARGETS, rank=args.rank, alpha=args.rank, init="gaussian",
                     dtype=torch.float32)
@@ -175,6 +218,107 @@ def measure_side(side: str, cfg: UNetConfig, args) -> dict:
     return {**out, "seconds": seconds, "seconds_per_step": statistics.median(seconds)}
 
 
+def numerics(models: dict, cfg: UNetConfig, args) -> dict[str, tuple[float, float]]:
+    """Each of our models against the first, on one forward + MSE + backward with the same inputs and
+    adapter values (the first's, with the up weights made non-zero so that every adapter has a gradient):
+    (max |out - out_0| / max |out_0|, the worst LoRA gradient's max |g - g_0| / max |g_0|)."""
+    dtype, device = DTYPES[args.dtype], torch.device(args.device)
+    x, t, context, pooled, time_ids = make_inputs(cfg, args.batch, args.latent, dtype, device)
+    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(device)
+    g = torch.Generator().manual_seed(3)
+    first = next(iter(models.values()))
+    adapters = {n: (torch.randn(p.shape, generator=g) * 0.01).to(device, p.dtype) if "lora_up" in n else p.detach().clone()
+                for n, p in first.named_parameters() if p.requires_grad}
+    reference, errors = None, {}
+    for name, model in models.items():
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(adapters[n])
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = model(x, t, context, pooled, time_ids)
+        F.mse_loss(out.float(), target).backward()
+        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        if reference is None:
+            reference = out.detach().float(), grads
+        rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()
+        errors[name] = rel(out.detach().float(), reference[0]), max(rel(grads[n], reference[1][n]) for n in grads)
+    return errors
+
+
+def peak_on_cuda(step, device) -> int:
+    """Peak memory of a step above what was allocated before it (other models may be resident)."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def options_table(cfg: UNetConfig, args) -> None:
+    """The reference against our side with each speed option (OPTIONS), in one alternating loop."""
+    device = torch.device(args.device)
+    names = [n for n in OPTIONS if args.checkpointing or "policy" not in OPTIONS[n]]
+    ref, ref_step, _ = one_side("reference", cfg, args)
+    base_weights = {k.replace(".base_layer.", "."): v for k, v in ref.state_dict().items() if "lora_" not in k}
+    # the channels-last options share one channels-last copy of the convolutions' weights
+    nhwc = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in base_weights.items()}
+    ours = {name: one_side("ours", cfg, args, weights=nhwc if OPTIONS[name].get("channels_last") else base_weights, option=name)
+            for name in names}
+    errors = numerics({name: model for name, (model, _, _) in ours.items()}, cfg, args)
+    times = time_alternating({"reference": ref_step, **{name: step for name, (_, step, _) in ours.items()}},
+                             args.repeats, device)
+    if device.type == "cuda":
+        peaks = {"reference": peak_on_cuda(ref_step, device), **{n: peak_on_cuda(step, device) for n, (_, step, _) in ours.items()}}
+    else:
+        del ref, ref_step, ours, base_weights, nhwc
+        gc.collect()  # free the shared weights before the children load their own
+        peaks = {"reference": run_child(__file__, "--memory-only", "reference", drop=("--options",))["peak"]}
+        for name in names:
+            peaks[name] = run_child(__file__, "--memory-only", "ours", "--option", name, drop=("--options",))["peak"]
+    print(f"\nLoRA training step, UNet {args.config}, batch {args.batch}, latents {args.latent}x{args.latent}, "
+          f"{args.dtype}, checkpointing {'on' if args.checkpointing else 'off'} on both sides, {args.repeats} repeats, "
+          f"{device_name(device)}; reference: diffusers + peft {times['reference']:.3f} s/step, peak memory above "
+          f"weights {fmt_bytes(peaks['reference'])}")
+    print(f"{'ours, with':<34}{'s/step':>9}{'/ref':>7}{'peak mem':>11}{'/ref':>7}{'out err':>10}{'grad err':>10}")
+    for name in names:
+        out_err, grad_err = errors[name]
+        print(f"{name:<34}{times[name]:>9.3f}{times[name] / times['reference']:>7.3f}{fmt_bytes(peaks[name]):>11}"
+              f"{peaks[name] / peaks['reference']:>7.3f}{out_err:>10.1e}{grad_err:>10.1e}", flush=True)
+    print("(out err, grad err: max |difference| against the first row, over max |first row|: the UNet output and "
+          "the worst LoRA gradient of one forward + backward on the same inputs and adapter values)")
+
+
+def profile_table(cfg: UNetConfig, args) -> None:
+    """One step of each side under torch.profiler: the ops whose call counts differ, and where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    ref, ref_step, _ = one_side("reference", cfg, args)
+    base_weights = {k.replace(".base_layer.", "."): v for k, v in ref.state_dict().items() if "lora_" not in k}
+    _, our_step, _ = one_side("ours", cfg, args, weights=base_weights)
+    stats = {}
+    for side, step in (("reference", ref_step), ("ours", our_step)):
+        step()  # the optimizer state exists after the first step
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        stats[side] = {e.key: (e.count, e.self_cpu_time_total / 1e6) for e in prof.key_averages()}
+    print(f"\none step under torch.profiler, UNet {args.config}, latents {args.latent}x{args.latent}, {args.dtype}, "
+          f"checkpointing {'on' if args.checkpointing else 'off'}, our option: {args.option}")
+    print(f"{'op (calls that differ)':<52}{'reference':>10}{'ours':>10}")
+    ops = sorted(set(stats["reference"]) | set(stats["ours"]))
+    for op in ops:
+        counts = [stats[side].get(op, (0, 0))[0] for side in ("reference", "ours")]
+        if counts[0] != counts[1] and op.startswith("aten::"):
+            print(f"{op[:50]:<52}{counts[0]:>10}{counts[1]:>10}")
+    for side in ("reference", "ours"):
+        top = sorted(stats[side].items(), key=lambda kv: -kv[1][1])[:args.profile_rows]
+        total = sum(v[1] for v in stats[side].values())
+        print(f"\n{side}: self CPU time {total:.2f} s; the largest")
+        for op, (count, seconds) in top:
+            print(f"  {op[:50]:<52}{count:>8} calls{seconds:>9.3f} s")
+
+
 def main(args):
     cfg = UNetConfig.sdxl_base() if args.config == "base" else UNetConfig.tiny()
     device = torch.device(args.device)
@@ -199,6 +343,10 @@ def main(args):
         mem.__exit__(None, None, None)
         print(json.dumps({"peak": mem.peak, "seconds": seconds, "params": n}))
         return
+    if args.options:
+        return options_table(cfg, args)
+    if args.profile:
+        return profile_table(cfg, args)
     if args.variants:
         print(f"our LoRA step, UNet {args.config}, latents {args.latent}x{args.latent}, {args.dtype}; peak memory above "
               f"the frozen weights (adapters, gradients, AdamW state, activations), one step's time")
@@ -264,6 +412,10 @@ def parse_args(argv=None):
     p.add_argument("--side", choices=["reference", "ours"], help="measure this side alone; print one JSON line")
     p.add_argument("--warmup", type=int, default=1, help="--side: untimed steps before the timed ones")
     p.add_argument("--variants", action="store_true", help="ours alone: memory and time of each technique (VARIANTS)")
+    p.add_argument("--options", action="store_true", help="the reference against ours with each speed option (OPTIONS)")
+    p.add_argument("--option", default=next(iter(OPTIONS)), choices=list(OPTIONS), help="our side's speed options")
+    p.add_argument("--profile", action="store_true", help="one step of each side under torch.profiler")
+    p.add_argument("--profile-rows", type=int, default=15, help=argparse.SUPPRESS)
     p.add_argument("--variant", default="baseline", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--variant-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--memory-only", choices=["reference", "ours"], help=argparse.SUPPRESS)

@@ -142,7 +142,7 @@ def inject(model: nn.Module, targets, rank: int = 4, alpha: float | None = None,
             matched = [p for p in targets if matches(path, p)]
             for p in matched:
                 found[p].append(f"{path} ({_kind(innermost(child))})")
-            chosen = matched or via
+            chosen = via + [p for p in matched if p not in via]  # every pattern that chose it, a container's too
             if chosen and supported(innermost(child)):
                 selected.append((child, path, chosen))
             elif not isinstance(child, LoRALayer):  # an adapter that was not chosen: left alone

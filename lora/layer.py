@@ -107,6 +107,11 @@ class _Conv2d(_Uninitialised, nn.Conv2d):
     pass
 
 
+def autocasting(x: torch.Tensor) -> bool:
+    """Whether autocast is on for x's device (the meta device has no autocast)."""
+    return torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+
+
 class LoRALayer(nn.Module):
     """Wraps a supported layer (or another LoRALayer); only `lora_down`, `lora_up` (and DoRA's `magnitude`) train."""
 
@@ -250,7 +255,11 @@ class LoRALayer(nn.Module):
             return out
         if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
             return out  # kohya's module dropout: skip the whole adapter for this step
-        lx = self.dropout(x).to(self.lora_down.weight.dtype)
+        lx = self.dropout(x)
+        if self.magnitude is not None or not autocasting(lx):
+            # (Under autocast the matmuls cast their inputs to the compute dtype themselves: an fp32 copy
+            # of x for fp32 adapters would only be cast straight back.)
+            lx = lx.to(self.lora_down.weight.dtype)
         h = self.lora_down(lx)  # (..., r) or (B, r, *spatial)
         if self.training and self.rank_dropout:  # kohya's rank dropout: zero whole ranks, rescale the rest
             if self.is_conv:

@@ -76,6 +76,7 @@ from .lora_files import save_sdxl_lora
 from .train_args import LORA_ONLY, apply_demo_defaults, build_parser, check_full_finetune, fail
 from .train_args import parse_args as parse_args_of_train
 from .validation import guidance_conditioning, validation_images, vae_after_caching
+from .checkpointing import policy_name
 
 aten = torch.ops.aten
 GiB = 2**30
@@ -508,10 +509,18 @@ def _unet(args, weight_dtype, local: bool):
 
 
 @contextlib.contextmanager
+def _together(first, second):
+    """Two context managers entered as one (checkpoint's context_fn returns one per pass)."""
+    with first, second:
+        yield
+
+
+@contextlib.contextmanager
 def _seams(train, tracker: Tracker, target: str, chosen: dict):
     """What the simulation changes in the program it runs: autocast and SDPA as on `target`, and the
     staging of models as host/device bookkeeping instead of copies."""
-    saved = (devices.autocast, devices.staged, F.scaled_dot_product_attention)
+    import lora.layer
+    saved = (devices.autocast, devices.staged, F.scaled_dot_product_attention, lora.layer.autocasting)
     real_make_optimizer = train.make_optimizer
 
     def make_optimizer(args, groups, device, check_only=False):
@@ -538,21 +547,26 @@ def _seams(train, tracker: Tracker, target: str, chosen: dict):
         finally:
             for m, host in zip(models, was_host):
                 tracker.on_host(m, host)
-    def checkpoint(fn, *args, **kwargs):
+    def checkpoint(fn, *args, context_fn=None, **kwargs):
         # Checkpointing re-runs a block's forward inside backward under the autocast of its first run:
-        # torch.utils.checkpoint restores torch.autocast's state, not our Autocast mode, so we hand it over.
+        # torch.utils.checkpoint restores torch.autocast's state, not our Autocast mode, so we hand it over
+        # (beside the selective policy's own contexts, if any).
         dtype = _AUTOCAST[-1].dtype if _AUTOCAST else None
-        contexts = lambda: (contextlib.nullcontext(), Autocast(dtype) if dtype else contextlib.nullcontext())
+
+        def contexts():
+            forward, recompute = context_fn() if context_fn else (contextlib.nullcontext(), contextlib.nullcontext())
+            return forward, _together(recompute, Autocast(dtype) if dtype else contextlib.nullcontext())
         return torch_checkpoint(fn, *args, context_fn=contexts, **kwargs)
-    from . import unet as unet_module
-    torch_checkpoint = unet_module.checkpoint
+    from . import checkpointing
+    torch_checkpoint = checkpointing.checkpoint
     devices.autocast, devices.staged, F.scaled_dot_product_attention = autocast, staged, attention_model(target, saved[2], chosen)
-    unet_module.checkpoint, train.make_optimizer = checkpoint, make_optimizer
+    lora.layer.autocasting = lambda x: bool(_AUTOCAST) or saved[3](x)  # what the LoRA layers ask
+    checkpointing.checkpoint, train.make_optimizer = checkpoint, make_optimizer
     try:
         yield
     finally:
-        devices.autocast, devices.staged, F.scaled_dot_product_attention = saved
-        unet_module.checkpoint, train.make_optimizer = torch_checkpoint, real_make_optimizer
+        devices.autocast, devices.staged, F.scaled_dot_product_attention, lora.layer.autocasting = saved
+        checkpointing.checkpoint, train.make_optimizer = torch_checkpoint, real_make_optimizer
 
 
 def simulate(args: argparse.Namespace, target: str | None = None, steps: int = 2) -> Plan:
@@ -657,7 +671,7 @@ def simulate(args: argparse.Namespace, target: str | None = None, steps: int = 2
              f"{target}, {args.resolution}x{args.resolution}, batch {args.train_batch_size}"
              f"{' + as many class images' if getattr(args, 'with_prior_preservation', False) else ''}, {trained}, "
              f"{dtype_name}{' + fp8 base' if getattr(args, 'fp8_base', False) else ''}, "
-             f"{args.optimizer}, checkpointing {'on' if args.gradient_checkpointing else 'off'}"
+             f"{args.optimizer}, checkpointing {policy_name(args.gradient_checkpointing)}"
              f"{(', EMA' + (' on the CPU' if args.ema_on_cpu else '')) if args.use_ema else ''}"
              f"{', text encoders trained' if args.train_text_encoder else ''}")
     extras = cuda_overheads(hopper=False) if target == "cuda" else []
@@ -849,7 +863,7 @@ def fits(plan: Plan, vram: int) -> bool:
 
 
 CHANGES = [  # (what to write on the command line, the change), cheapest first
-    ("--gradient_checkpointing", {"gradient_checkpointing": True}),
+    ("--gradient_checkpointing", {"gradient_checkpointing": "full"}),
     ("--cache_latents --cache_text_embeddings", {"cache_latents": True, "cache_text_embeddings": True}),
     ("--ema_on_cpu", {"ema_on_cpu": True}),
     ("--fp8_base", {"fp8_base": True}),
@@ -860,12 +874,18 @@ CHANGES = [  # (what to write on the command line, the change), cheapest first
 ]
 
 
+def _flag_value(args: argparse.Namespace, key: str):
+    """A flag's value, the checkpointing policy by its name (True from a TOML config is "full")."""
+    value = getattr(args, key, None)
+    return policy_name(value) if key == "gradient_checkpointing" else value
+
+
 def suggestions(args: argparse.Namespace, vram: int, target: str = "cuda") -> list[tuple[str, Plan]]:
     """Single changes to the flags, each with its predicted plan: those that fit first; if none fits
     alone, the changes applied together in order until the run fits."""
     out = []
     for label, change in CHANGES:
-        if all(getattr(args, k, None) == v for k, v in change.items()):
+        if all(_flag_value(args, k) == v for k, v in change.items()):
             continue
         if label.startswith("--rank") and args.rank <= 8 or label.startswith("--train_batch_size") and args.train_batch_size == 1:
             continue
@@ -1095,7 +1115,7 @@ def main_sample(argv: list[str]) -> int:
 # --- the command line -------------------------------------------------------------------------------------
 
 # The 12 GB recipe (docs/memory.md): used for these flags when they are not given, unless --train_defaults.
-RECIPE = {"train_batch_size": 1, "rank": 16, "gradient_checkpointing": True}
+RECIPE = {"train_batch_size": 1, "rank": 16, "gradient_checkpointing": "full"}
 
 
 def parse_args(argv: list[str] | None):

@@ -16,6 +16,7 @@ import json
 import os
 from pathlib import Path
 
+from .checkpointing import POLICIES
 from .cli import HelpFormatter
 from .data import make_demo_dataset
 from .lora_files import LORA_TARGET_PRESETS
@@ -134,7 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num_train_epochs", type=int, default=100, help=DREAMBOOTH_DEFAULT.format(DREAMBOOTH_DEFAULTS["num_train_epochs"]).strip())
     a("--max_train_steps", type=int, help="total optimizer steps; overrides --num_train_epochs")
     a("--gradient_accumulation_steps", type=int, default=1)
-    a("--gradient_checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    a("--gradient_checkpointing", nargs="?", const="full", choices=POLICIES, metavar="{" + ",".join(POLICIES) + "}",
+      help="recompute activations in backward (less memory); alone: full. selective keeps what is expensive to "
+           "recompute (minsdxl/checkpointing.py, docs/performance.md)")
+    a("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+      help="the UNet's convolutions in channels-last (NHWC) layout, faster on this project's devices (docs/performance.md)")
+    a("--compile", action="store_true",
+      help="torch.compile the UNet's repeated blocks (minsdxl/compile.py); says so and runs eager if no compiler works")
     a("--learning_rate", type=float, default=1e-4)
     a("--scale_lr", action="store_true", help="multiply the learning rate by batch size x accumulation x world size")
     a("--lr_scheduler", default="constant", choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"])
@@ -453,7 +460,7 @@ def check_full_finetune(args: argparse.Namespace) -> None:
 CHANGEABLE_ON_RESUME = {
     "learning_rate", "text_encoder_lr", "scale_lr", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power",
     "max_train_steps", "num_train_epochs", "max_grad_norm", "snr_gamma", "noise_offset", "caption_dropout",
-    "lora_dropout", "rank_dropout", "module_dropout", "gradient_checkpointing", "checkpointing_steps",
+    "lora_dropout", "rank_dropout", "module_dropout", "gradient_checkpointing", "channels_last", "compile", "checkpointing_steps",
     "checkpoints_total_limit", "validation_prompt", "num_validation_images", "validation_epochs", "validation_steps",
     "validation_inference_steps", "debug_loss", "fused_backward_pass", "stochastic_rounding", "prior_loss_weight",
 }

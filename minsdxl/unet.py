@@ -25,8 +25,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
+from . import checkpointing
 from .config import UNetConfig
 
 
@@ -46,15 +46,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 def maybe_checkpoint(module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
-    """Run `module(*args)`; with gradient checkpointing on, keep only its inputs for backward.
-
-    Non-reentrant checkpointing (PyTorch's recommended mode) recomputes the module's forward
-    during backward. Unlike the reentrant mode it needs no input that requires grad, so LoRA
-    gradients still flow when every base weight is frozen.
-    """
-    if getattr(module, "gradient_checkpointing", False) and torch.is_grad_enabled():
-        return checkpoint(module, *args, use_reentrant=False)
-    return module(*args)
+    """Run `module(*args)`; with gradient checkpointing on, under the module's policy ("full": keep only
+    its inputs for backward, "selective": also the outputs that are expensive to recompute;
+    minsdxl/checkpointing.py). After minsdxl.compile, the same call compiled."""
+    policy = getattr(module, "gradient_checkpointing", None) if torch.is_grad_enabled() else None
+    run = getattr(module, "compiled_run", checkpointing.run)
+    return run(module, *args, policy=policy)
 
 
 class TimestepEmbedding(nn.Module):
@@ -292,11 +289,14 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute every resnet and transformer block in backward instead of storing its activations."""
+    def set_gradient_checkpointing(self, policy: str | bool = True) -> None:
+        """What every resnet and transformer block keeps for backward: "full" (True) keeps only its
+        inputs and recomputes the rest, "selective" also keeps the outputs that are expensive to
+        recompute, "none" (False) keeps everything (minsdxl/checkpointing.py)."""
+        policy = checkpointing.policy_name(policy)
         for module in self.modules():
             if isinstance(module, (ResnetBlock2D, BasicTransformerBlock)):
-                module.gradient_checkpointing = enabled
+                module.gradient_checkpointing = None if policy == "none" else policy
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
                 pooled_text: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:

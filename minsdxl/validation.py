@@ -8,7 +8,9 @@ images, made once: with LoRA, by turning the adapters' scale to 0 for them.
 
 from __future__ import annotations
 
+
 import argparse
+import contextlib
 from pathlib import Path
 
 import torch
@@ -99,11 +101,11 @@ class Validator:
 
     def base(self, stopping=lambda: False) -> None:
         """The base model's images, with the model as it is now: LoRA adapters are turned off for them."""
-        for model in self.adapted.values():
-            lora.set_scale(model, 0.0)
-        made = self._images(stopping)
-        for model in self.adapted.values():
-            lora.set_scale(model, 1.0)
+        with contextlib.ExitStack() as off:
+            for model in self.adapted.values():
+                if lora.lora_layers(model):  # (full fine-tuning: the model before training, no adapters)
+                    off.enter_context(lora.disabled(model))
+            made = self._images(stopping)
         if not stopping():
             self.base_images = made
 

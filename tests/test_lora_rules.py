@@ -122,6 +122,15 @@ def test_a_pattern_that_only_finds_unwrappable_layers_is_named():
         lora.inject(nn.ModuleDict({"fc": nn.Linear(2, 2), "blocks": nn.Sequential(nn.LayerNorm(2))}), ["fc", "blocks"])
 
 
+def test_a_container_and_a_pattern_inside_it_both_count():
+    """SDXL's `all` preset names `attentions` and, inside them, `proj_in`: each layer counts for every
+    pattern that chose it, so neither looks like a pattern that found nothing it could wrap."""
+    model = nn.ModuleDict({"attentions": nn.ModuleList([nn.ModuleDict({"proj_in": nn.Linear(2, 2),
+                                                                        "norm": nn.LayerNorm(2)})])})
+    report = lora.inject(model, ["proj_in", "attentions"], rank=1)
+    assert report.paths == ["attentions.0.proj_in"] and report.unsupported == {}
+
+
 def test_gpt2_targets_mixing_conv1d_and_linear_all_adapt():
     """The try that found the bug: c_attn/c_proj are transformers' Conv1D; they are adapted now."""
     model, _ = gpt2()
