@@ -1,7 +1,8 @@
 """train.py: LoRA training and full fine-tuning of SDXL on a 12 GB GPU, resumable, with a CPU demo.
 
-The flags are those of diffusers' `examples/text_to_image/train_text_to_image_lora_sdxl.py` and, with
---full_finetune, of `train_text_to_image_sdxl.py`, with the same meaning, so a command line written
+The flags are those of diffusers' `examples/text_to_image/train_text_to_image_lora_sdxl.py`, with
+--full_finetune of `train_text_to_image_sdxl.py`, and with --instance_prompt (DreamBooth) of
+`examples/dreambooth/train_dreambooth_lora_sdxl.py`, with the same meaning, so a command line written
 for them runs here with only the script name changed.
 One training step (epsilon prediction, DDPM; Ho et al. 2020, SDXL: Podell et al. 2023):
 
@@ -17,9 +18,12 @@ each updated inside backward as soon as its gradient is complete (minsdxl.fused_
 2.6B-parameter UNet trains at 1024x1024 in under 8 GB. `python train.py --demo` runs either on a tiny
 random SDXL on the CPU in a minute.
 
+DreamBooth's prior preservation (minsdxl.dreambooth) trains each batch on the subject's images and as
+many class images, generated first by the model itself: loss = instance loss + w x class loss.
+
 How to read this file: `train()` at the bottom is one run, phase by phase (0. checks, 1. data,
-2. encoders, 3. caches, 4. UNet, 5. what trains: LoRA adapters or every weight, 6. optimizer and
-resume, 7. the loop, 8. save), each
+2. encoders, 2b. DreamBooth's class images, 3. caches, 4. UNet, 5. what trains: LoRA adapters or every
+weight, 6. optimizer and resume, 7. the loop, 8. save), each
 phase one call to a function defined above it, in that order. The step itself is three functions
 at the top: `batch_loss` (the noise is added and the loss computed), `optimizer_step` (the weights
 are updated) and `train_loop` (which runs them). The reusable pieces live in minsdxl, each in a
@@ -56,6 +60,7 @@ from minsdxl import devices
 from minsdxl.cache import Cache, Conditioning, model_identity
 from minsdxl.data import BucketBatchSampler, DataError, Dataset, drop_caption, seeded_generator
 from minsdxl.distributed import Distributed, local
+from minsdxl.dreambooth import class_images, generate_class_images, generation_dtype, missing_class_indices
 from minsdxl.ema import EMA
 from minsdxl.compile import compile_repeated_blocks
 from minsdxl.fp8 import quantize_fp8
@@ -94,9 +99,14 @@ def training_noise(shape: tuple, noise_offset: float, generator: torch.Generator
 
 
 def batch_loss(unet, sched: NoiseSchedule, x0, noise, t, context, pooled, time_ids, device: torch.device,
-               weight_dtype: torch.dtype, prediction_type: str, snr_gamma: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+               weight_dtype: torch.dtype, prediction_type: str, snr_gamma: float | None,
+               prior_loss_weight: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, per-image loss (B,)) of one batch: x0 noised to x_t at timesteps t, the UNet's prediction
-    against the target (eps, or v for v-prediction), MSE per image, Min-SNR weighted with --snr_gamma."""
+    against the target (eps, or v for v-prediction), MSE per image, Min-SNR weighted with --snr_gamma.
+    With `prior_loss_weight` (DreamBooth's prior preservation) the batch is [instance images; class
+    images], and loss = instance loss + prior_loss_weight x class loss, each the mean of its half, as
+    diffusers' DreamBooth script computes it; Min-SNR weights the instance half only (diffusers' fix
+    #6356: the class loss is a plain MSE)."""
     x0, noise, t = x0.to(device), noise.to(device), t.to(device)
     x_t = sched.add_noise(x0, noise, t)  # sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
     target = sched.target(x0, noise, t, prediction_type)
@@ -105,8 +115,14 @@ def batch_loss(unet, sched: NoiseSchedule, x0, noise, t, context, pooled, time_i
                     time_ids.to(device, weight_dtype))
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
     if snr_gamma:
-        per_sample = per_sample * sched.min_snr_weights(t, snr_gamma, prediction_type)
-    return per_sample.mean(), per_sample
+        weights = sched.min_snr_weights(t, snr_gamma, prediction_type)  # (B,)
+        if prior_loss_weight is not None:  # the class half unweighted
+            weights = torch.cat([weights.chunk(2)[0], torch.ones_like(weights.chunk(2)[1])])
+        per_sample = per_sample * weights
+    if prior_loss_weight is None:
+        return per_sample.mean(), per_sample
+    instance, prior = per_sample.chunk(2)  # (B/2,) each: [instance images; class images]
+    return instance.mean() + prior_loss_weight * prior.mean(), per_sample
 
 
 def optimizer_step(optimizer, scaler, trainable: list, max_grad_norm: float, ema, trainable_named: dict) -> None:
@@ -140,8 +156,9 @@ def micro_batch_loss(run: "Run", data: "Data", cond: Conditioning, frozen: "Froz
     # This batch's randomness (caption dropout, noise, timesteps) comes from its place in the epoch's
     # global order, so any number of processes, and a resume, draw the same as one process would.
     gen = seeded_generator("noise", run.seed, p.epoch, p.batches_done * ddp.world + ddp.rank)
-    x0 = torch.stack([cond.latents(p.epoch, i) for i in batch_indices])  # (B, 4, H/8, W/8)
-    captions = drop_caption([data.dataset.captions[i] for i in batch_indices], args.caption_dropout, gen)
+    samples = data.samples(batch_indices)  # (dataset, index) of each image: with prior preservation 2B of them
+    x0 = torch.stack([cond.of(ds).latents(p.epoch, i) for ds, i in samples])  # (B, 4, H/8, W/8), B = len(samples)
+    captions = drop_caption([ds.captions[i] for ds, i in samples], args.caption_dropout, gen)
     if args.train_text_encoder:  # through the adapted encoders, with gradients
         with devices.autocast(run.device, run.weight_dtype):
             context, pooled = encode_text(encoders_step, frozen.tokenizers, captions)  # (B, 77, 2048), (B, 1280)
@@ -149,7 +166,7 @@ def micro_batch_loss(run: "Run", data: "Data", cond: Conditioning, frozen: "Froz
         texts = [cond.text(c) for c in captions]
         context = torch.stack([t["context"] for t in texts])  # (B, 77, 2048)
         pooled = torch.stack([t["pooled"] for t in texts])  # (B, 1280)
-    time_ids = torch.tensor([data.dataset.augmentation(cond.aug_epoch(p.epoch), i).time_ids() for i in batch_indices])  # (B, 6)
+    time_ids = torch.tensor([ds.augmentation(cond.aug_epoch(p.epoch), i).time_ids() for ds, i in samples])  # (B, 6)
     # Noise and timesteps, drawn on the CPU, so runs repeat on any device.
     noise = training_noise(x0.shape, args.noise_offset, gen)
     if data.timestep_weights is None:
@@ -157,7 +174,8 @@ def micro_batch_loss(run: "Run", data: "Data", cond: Conditioning, frozen: "Froz
     else:  # --timestep_bias_strategy: some timesteps drawn more often
         t = torch.multinomial(data.timestep_weights, x0.shape[0], replacement=True, generator=gen)  # (B,)
     return batch_loss(unet_step, sched, x0, noise, t, context, pooled, time_ids, run.device, run.weight_dtype,
-                      args.prediction_type or "epsilon", args.snr_gamma)
+                      args.prediction_type or "epsilon", args.snr_gamma,
+                      args.prior_loss_weight if data.class_dataset is not None else None)
 
 
 def train_loop(run: "Run", data: "Data", cond: Conditioning, frozen: "Frozen", unet: UNet, adapted: dict,
@@ -203,7 +221,7 @@ def train_loop(run: "Run", data: "Data", cond: Conditioning, frozen: "Frozen", u
                         scaler.scale(loss / args.gradient_accumulation_steps).backward()
                     accum_loss += ddp.mean(loss.detach()).item() / args.gradient_accumulation_steps
                     if args.debug_loss:  # which images the loss comes from (diffusers logs it by file name)
-                        per_image.update({data.dataset.names[i]: v for i, v in zip(batch_indices, per_sample.tolist())})
+                        per_image.update({ds.names[i]: v for (ds, i), v in zip(data.samples(batch_indices), per_sample.tolist())})
                     micro += 1
                     p.batches_done += 1
                     if micro < args.gradient_accumulation_steps and p.batches_done < data.batches_per_epoch:
@@ -331,27 +349,49 @@ def prepare(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) 
 class Data:
     """The dataset, this process's batch order, and how many steps that makes."""
 
-    dataset: Dataset
+    dataset: Dataset  # the training images (DreamBooth: the instance images)
     sampler: BucketBatchSampler
     batches_per_epoch: int  # of this process
     total_steps: int  # optimizer steps of the whole run
     lr: float  # the learning rate, after --scale_lr
     timestep_weights: torch.Tensor | None  # (1000,) with --timestep_bias_strategy; None: uniform
+    class_dataset: Dataset | None = None  # --with_prior_preservation: the class images (phase 2b)
+
+    @property
+    def datasets(self) -> list[Dataset]:
+        """The images a batch draws from: the training images, then the class images (prior preservation)."""
+        return [self.dataset] + ([self.class_dataset] if self.class_dataset is not None else [])
+
+    def samples(self, batch_indices: list[int]) -> list[tuple[Dataset, int]]:
+        """(dataset, index) of each image of a batch of epoch positions, in batch order: position i is
+        training image i; with prior preservation, the epoch is as long as the longer of the two sets and
+        position i pairs instance image i % n with class image i % m (diffusers' DreamBooth dataset), the
+        class images making the second half of the batch."""
+        return [(ds, i % len(ds)) for ds in self.datasets for i in batch_indices]
 
 
 def load_data(run: Run) -> Data:
-    """1. The dataset and its batches (before any model: a wrong folder or column is reported in seconds)."""
+    """1. The dataset and its batches (before any model: a wrong folder or column is reported in seconds).
+    DreamBooth: the instance images, each with --instance_prompt; the class images are counted here (and
+    read in phase 2b, once the missing ones are made)."""
     args, ddp = run.args, run.ddp
+    flag = "--instance_data_dir: " if args.instance_data_dir else ""
     try:
-        dataset = Dataset(dataset_name=args.dataset_name, train_data_dir=args.train_data_dir,
+        dataset = Dataset(dataset_name=args.dataset_name, train_data_dir=args.train_data_dir or args.instance_data_dir,
                           image_column=args.image_column, caption_column=args.caption_column,
                           resolution=args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,
                           bucketing=args.bucketing, max_train_samples=args.max_train_samples, seed=run.seed,
-                          dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir)
+                          dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir,
+                          prompt=args.instance_prompt, repeats=args.repeats)
     except DataError as e:
-        raise SystemExit(f"train.py: error: {e}") from None
+        raise SystemExit(f"train.py: error: {flag}{e}") from None
     run.log(dataset.report())
-    sampler = BucketBatchSampler(dataset.bucket_ids, args.train_batch_size, seed=run.seed, rank=ddp.rank, world_size=ddp.world)
+    epoch = len(dataset)  # positions per epoch: with prior preservation, max(instance images, class images)
+    if args.with_prior_preservation:
+        epoch = max(epoch, args.num_class_images)
+        check_class_folder(run)
+    buckets = [dataset.bucket_ids[i % len(dataset)] for i in range(epoch)]
+    sampler = BucketBatchSampler(buckets, args.train_batch_size, seed=run.seed, rank=ddp.rank, world_size=ddp.world)
     batches_per_epoch = sampler.batches_per_epoch
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
@@ -362,6 +402,21 @@ def load_data(run: Run) -> Data:
     bias = timestep_weights(args.timestep_bias_strategy, args.timestep_bias_multiplier, args.timestep_bias_portion,
                             args.timestep_bias_begin, args.timestep_bias_end)
     return Data(dataset, sampler, batches_per_epoch, total_steps, lr, bias)
+
+
+def check_class_folder(run: Run) -> None:
+    """1. --class_data_dir: a folder (or none yet) apart from the instance images; says how many class
+    images it has and how many phase 2b will generate."""
+    args = run.args
+    folder = Path(args.class_data_dir)
+    if folder.exists() and not folder.is_dir():
+        fail(f"--class_data_dir {folder} is a file; it must be a folder (it is made if missing).")
+    if args.instance_data_dir and folder.resolve().is_relative_to(Path(args.instance_data_dir).resolve()):
+        fail(f"--class_data_dir {folder} is inside --instance_data_dir {args.instance_data_dir}: its class images "
+             f"would be read as instance images. Keep the class images in a folder of their own.")
+    present, missing = len(class_images(folder)), len(missing_class_indices(folder, args.num_class_images))
+    run.log(f"class images: {present} in {folder}" + (f", {missing} to generate with --class_prompt "
+                                                      f"{args.class_prompt!r}" if missing else ""))
 
 
 @dataclass
@@ -391,22 +446,24 @@ def load_encoders(run: Run) -> Frozen:
     return Frozen(text_encoders, tokenizers, vae)
 
 
-def fill_caches(run: Run, dataset: Dataset, frozen: Frozen) -> Conditioning:
-    """3. Every latent and caption encoded once, with only its encoder on the device (the UNet is not
-    loaded yet), then the encoder goes back to the CPU. Each process encodes its share."""
+def fill_caches(run: Run, data: Data, frozen: Frozen) -> Conditioning:
+    """3. Every latent and caption encoded once (the class images' too), with only its encoder on the
+    device (the UNet is not loaded yet), then the encoder goes back to the CPU. Each process encodes its share."""
     args, ddp, device = run.args, run.ddp, run.device
-    cond = Conditioning(Cache(run.out / "cache"), model_identity(args), dataset, frozen.vae, frozen.text_encoders,
+    cond = Conditioning(Cache(run.out / "cache"), model_identity(args), data.dataset, frozen.vae, frozen.text_encoders,
                         frozen.tokenizers, args.cache_latents, args.cache_text_embeddings)
-    quiet = len(dataset) < 64 or not ddp.main
+    images = [(ds, i) for ds in data.datasets for i in range(len(ds))]
+    quiet = len(images) < 64 or not ddp.main
     if args.cache_latents:
         if not args.center_crop or args.random_flip:
             run.log("note: latents are cached, so each image's random crop/flip is drawn once and kept for "
                     "every epoch; pass --no-cache_latents to redraw them every epoch.")
         with run.meter.phase("cache latents"), devices.staged(device, frozen.vae):
-            for i in tqdm(range(ddp.rank, len(dataset), ddp.world), desc="caching latents", disable=quiet):
-                cond.latents(0, i)  # (the files are then read by all)
+            for ds, i in tqdm(images[ddp.rank::ddp.world], desc="caching latents", disable=quiet):
+                cond.of(ds).latents(0, i)  # (the files are then read by all)
     if args.cache_text_embeddings:
-        captions = sorted(set(dataset.captions) | {"", args.validation_prompt or ""})  # (the prompt: for validation)
+        captions = {c for ds in data.datasets for c in ds.captions}
+        captions = sorted(captions | {"", args.validation_prompt or ""})  # (the prompt: for validation)
         with run.meter.phase("cache text"), devices.staged(device, *frozen.text_encoders):
             for caption in tqdm(captions[ddp.rank::ddp.world], desc="caching text", disable=quiet):
                 cond.text(caption)
@@ -415,24 +472,70 @@ def fill_caches(run: Run, dataset: Dataset, frozen: Frozen) -> Conditioning:
     return cond
 
 
+def add_class_images(run: Run, data: Data, frozen: Frozen) -> None:
+    """2b. --with_prior_preservation: the class images. Those --class_data_dir lacks are generated first
+    with the model being trained (its UNet loaded into CPU memory for it, in float8 with --fp8_base, and
+    freed after; the text encoders, the UNet and the VAE each on the device only for its part), each
+    process its share; then they are
+    read like any dataset, every image with --class_prompt, not flipped (as diffusers' class images)."""
+    args, ddp = run.args, run.ddp
+    folder = Path(args.class_data_dir)
+    missing = missing_class_indices(folder, args.num_class_images)
+    ddp.barrier()  # every process has counted before any writes
+    if missing:
+        dtype = generation_dtype(args)
+        with run.meter.phase("class images"):
+            unet = load_model_unet(run, dtype, "cpu")
+            if args.fp8_base:  # the model as it trains: float8 weights (and the memory --fp8_base was chosen for)
+                quantize_fp8(unet, dtype)
+            if args.channels_last:
+                unet.to(memory_format=torch.channels_last)
+            models = Models(unet, frozen.vae, frozen.text_encoders, frozen.tokenizers)
+            made = generate_class_images(models, args.class_prompt, missing[ddp.rank::ddp.world], folder, seed=run.seed,
+                                         resolution=args.resolution, batch_size=args.sample_batch_size, device=run.device,
+                                         dtype=dtype, prediction_type=args.prediction_type or "epsilon",
+                                         steps=args.class_inference_steps, progress=ddp.main)
+            del unet, models
+            if run.device.type == "cuda":
+                torch.cuda.empty_cache()
+        run.log(f"class images: generated {len(missing)} in {folder}" + (f" ({len(made)} by this process)" if ddp.world > 1 else ""))
+    ddp.barrier()  # every class image is on disk now
+    try:
+        classes = Dataset(train_data_dir=folder, caption_column=None, prompt=args.class_prompt, resolution=args.resolution,
+                          center_crop=args.center_crop, random_flip=False, max_train_samples=args.num_class_images,
+                          seed=run.seed)
+    except DataError as e:
+        raise SystemExit(f"train.py: error: --class_data_dir: {e}") from None
+    if len(classes) < args.num_class_images:
+        fail(f"--class_data_dir {folder} has {len(classes)} usable class images, fewer than --num_class_images "
+             f"{args.num_class_images}: {classes.report()}\nDelete the files it names; the next run generates others.")
+    run.log(classes.report())
+    data.class_dataset = classes
+
+
+def load_model_unet(run: Run, dtype: torch.dtype, device) -> UNet:
+    """The model's UNet in `dtype`, straight onto `device`."""
+    args = run.args
+    try:
+        return load_unet(args.pretrained_model_name_or_path, dtype=dtype, device=device, variant=args.variant,
+                         revision=args.revision, cache_dir=args.cache_dir)
+    except LoadError as e:
+        raise SystemExit(f"train.py: error: {e}") from None
+
+
 def load_frozen_unet(run: Run, frozen: Frozen) -> UNet:
     """4. The UNet, frozen in weight_dtype (--full_finetune unfreezes it in phase 5), straight onto the device;
     with it whatever a step runs that is not cached (the VAE without cached latents, the text encoders
     without cached text)."""
     args, device = run.args, run.device
-    try:
-        with run.meter.phase("load UNet"):
-            # --fp8_base: loaded and quantized in CPU memory, so the device never holds the full-precision UNet
-            unet = load_unet(args.pretrained_model_name_or_path, dtype=run.weight_dtype,
-                             device="cpu" if args.fp8_base else device, variant=args.variant,
-                             revision=args.revision, cache_dir=args.cache_dir)
-            if args.fp8_base:
-                run.log(f"fp8 base: {quantize_fp8(unet, run.weight_dtype)}")
-                unet.to(device)
-            if args.channels_last:  # NHWC convolutions, what oneDNN and tensor cores run fastest (docs/performance.md)
-                unet.to(memory_format=torch.channels_last)
-    except LoadError as e:
-        raise SystemExit(f"train.py: error: {e}") from None
+    with run.meter.phase("load UNet"):
+        # --fp8_base: loaded and quantized in CPU memory, so the device never holds the full-precision UNet
+        unet = load_model_unet(run, run.weight_dtype, "cpu" if args.fp8_base else device)
+        if args.fp8_base:
+            run.log(f"fp8 base: {quantize_fp8(unet, run.weight_dtype)}")
+            unet.to(device)
+        if args.channels_last:  # NHWC convolutions, what oneDNN and tensor cores run fastest (docs/performance.md)
+            unet.to(memory_format=torch.channels_last)
     if not args.cache_latents:
         frozen.vae.to(device)  # every step encodes its images
     if args.train_text_encoder or not args.cache_text_embeddings:
@@ -467,11 +570,14 @@ def add_adapters(args: argparse.Namespace, unet, text_encoders, log) -> tuple[di
 
 
 def optimizer_groups(args: argparse.Namespace, trainable_named: dict, lr: float) -> list[dict]:
-    """The UNet's trained tensors at --learning_rate, the text encoders' at --text_encoder_lr."""
+    """The UNet's trained tensors at --learning_rate, the text encoders' at --text_encoder_lr (and with
+    --adam_weight_decay_text_encoder their own weight decay)."""
     groups = [{"params": [p for n, p in trainable_named.items() if not n.startswith(("te1.", "te2."))], "lr": lr}]
     if args.train_text_encoder:
         groups.append({"params": [p for n, p in trainable_named.items() if n.startswith(("te1.", "te2."))],
                        "lr": args.text_encoder_lr or lr})
+        if args.adam_weight_decay_text_encoder is not None:
+            groups[-1]["weight_decay"] = args.adam_weight_decay_text_encoder
     return groups
 
 
@@ -592,7 +698,7 @@ def save_lora(run: Run, unet: UNet, frozen: Frozen, dataset: Dataset, p: Progres
             tags[tag] = tags.get(tag, 0) + 1
     info = {"output_name": out.name, "resolution": args.resolution, "steps": p.step,
             "epoch": p.epoch + (p.batches_done > 0),  # the 1-based epoch of the last step
-            "tag_frequency": {Path(args.train_data_dir or args.dataset_name or "data").name: tags},
+            "tag_frequency": {Path(args.train_data_dir or args.instance_data_dir or args.dataset_name or "data").name: tags},
             "prediction_type": args.prediction_type or "epsilon", "learning_rate": args.learning_rate,
             "train_batch_size": args.train_batch_size, "seed": args.seed}
     with run.meter.phase("save"):
@@ -662,8 +768,11 @@ def train(args: argparse.Namespace, ddp: Distributed, log, stop: StopRequest) ->
     data = load_data(run)
     # 2. The frozen encoders, loaded into CPU memory.
     frozen = load_encoders(run)
+    # 2b. DreamBooth's prior preservation: the class images, the missing ones generated now by the model.
+    if args.with_prior_preservation:
+        add_class_images(run, data, frozen)
     # 3. Caches: every latent and caption encoded once, with only its encoder on the device.
-    cond = fill_caches(run, data.dataset, frozen)
+    cond = fill_caches(run, data, frozen)
     # 4. The UNet in weight_dtype, straight onto the device.
     unet = load_frozen_unet(run, frozen)
     # 5. What trains: LoRA adapters on the frozen UNet (and text encoders), or every UNet weight.

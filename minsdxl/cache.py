@@ -93,6 +93,13 @@ class Conditioning:
         self.vae, self.text_encoders, self.tokenizers = vae, text_encoders, tokenizers
         self.cache_latents, self.cache_text = cache_latents, cache_text
 
+    def of(self, dataset) -> "Conditioning":
+        """The same caches and encoders for another dataset's images (DreamBooth's class images)."""
+        if dataset is self.dataset:
+            return self
+        return Conditioning(self.cache, self.ident, dataset, self.vae, self.text_encoders, self.tokenizers,
+                            self.cache_latents, self.cache_text)
+
     def aug_epoch(self, epoch: int) -> int:
         """The epoch whose random crop/flip an image gets: its own, or 0 when latents are cached."""
         return 0 if self.cache_latents else epoch

@@ -296,16 +296,20 @@ def _load_hub_dataset(name: str, data_dir: str | None, config_name: str | None =
         raise DataError(f"could not load dataset {name!r}{offline}: {type(error).__name__}: {error}") from error
 
 
-def _hub_entries(hf: datasets.Dataset, image_column: str, caption_column: str):
-    """(the image column, undecoded, and [(row, caption)]) after checking the column names."""
+def _hub_entries(hf: datasets.Dataset, image_column: str, caption_column: str | None, prompt: str | None = None):
+    """(the image column, undecoded, and [(row, caption)]) after checking the column names. With a DreamBooth
+    `prompt`: every row's caption is the prompt (caption_column None), or the row's caption where it has one."""
     for role, name in (("image_column", image_column), ("caption_column", caption_column)):
-        if name not in hf.column_names:
+        if name is not None and name not in hf.column_names:
             raise DataError(f"{role}={name!r} is not a column of the dataset; its columns are {hf.column_names}")
     if len(hf) == 0:
         raise DataError("the dataset has no rows")
     if isinstance(hf.features[image_column], datasets.Image):
         hf = hf.cast_column(image_column, datasets.Image(decode=False))  # keep the encoded bytes: we hash them
-    captions = ["" if c is None else str(c) for c in hf[caption_column]]
+    if caption_column is None:
+        captions = [prompt] * len(hf)
+    else:  # (an empty caption falls back to the prompt, as in diffusers' DreamBooth script)
+        captions = [("" if c is None else str(c)) or (prompt or "") for c in hf[caption_column]]
     return hf.select_columns([image_column]), list(enumerate(captions))  # rows are then read for their image only
 
 
@@ -378,17 +382,41 @@ def _metadata_entries(metadata: Path, image_column: str, caption_column: str):
     return [(metadata.parent / row["file_name"], str(row[caption_column])) for _, row in rows], notes
 
 
-def _caption_file_entries(root: Path, image_column: str, caption_column: str):
-    """([(image path, caption)], notes) from kohya's layout: cat.png with its caption in cat.txt, at any depth."""
+def image_files(root: Path) -> tuple[list[Path], list[Path]]:
+    """(the image files under `root` at any depth, the other files), each sorted; hidden files and folders
+    (.ipynb_checkpoints, a write in progress) are left out."""
     files = sorted(p for p in root.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))  # skip .ipynb_checkpoints etc.
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-    others = [_relative(p, root) for p in files if p.suffix.lower() not in (*IMAGE_EXTENSIONS, ".txt")]
+    return images, [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+
+
+def _listed_images(root: Path) -> tuple[list[Path], list[str], dict]:
+    """(image files, other files' names, notes) of a folder of images, refused when it has none."""
+    images, other_files = image_files(root)
+    others = [_relative(p, root) for p in other_files if p.suffix.lower() != ".txt"]
     notes = {"ignored, not an image format PIL opens": others} if others else {}
     if not images:
         seen = f"; it has {len(others)} other files, e.g. {others[0]}" if others else ""
         raise DataError(f"no images in {root} (looked for the {len(IMAGE_EXTENSIONS)} file extensions PIL opens, "
                         f"e.g. .png .jpg .webp .gif, in subfolders too{seen})")
+    return images, [_relative(p, root) for p in other_files if p.suffix.lower() == ".txt"], notes
+
+
+def _prompt_entries(root: Path, prompt: str):
+    """([(image path, prompt)], notes) of a DreamBooth folder: every image trains on the one prompt, as in
+    diffusers' train_dreambooth_lora_sdxl.py; captions in .txt files are not read, and the report names them."""
+    if not root.is_dir():
+        raise DataError(f"{str(root)!r} is not a folder")
+    images, texts, notes = _listed_images(root)
+    if texts:
+        notes["not read: every image trains on the one prompt"] = texts
+    return [(p, prompt) for p in images], notes
+
+
+def _caption_file_entries(root: Path, image_column: str, caption_column: str):
+    """([(image path, caption)], notes) from kohya's layout: cat.png with its caption in cat.txt, at any depth."""
+    images, _, notes = _listed_images(root)
     columns = ["image", "text"]  # what diffusers' imagefolder calls the image and the caption
     for role, name in (("image_column", image_column), ("caption_column", caption_column)):
         if name not in columns:
@@ -418,8 +446,11 @@ class Dataset(torch.utils.data.Dataset):
     """Captioned images as SDXL training samples; sample `index` of epoch `epoch` is a pure function of (seed, epoch, index).
 
     The arguments mean what the flags of the same names mean in diffusers'
-    `train_text_to_image_lora_sdxl.py`; `bucketing` and `seed` (of the crops, flips and the
-    max_train_samples subset) are ours. Every image is read once here, to learn its size and
+    `train_text_to_image_lora_sdxl.py`, and `prompt` and `repeats` what --instance_prompt (or
+    --class_prompt) and --repeats mean in its `train_dreambooth_lora_sdxl.py`: with a prompt, a folder's
+    images all train on it, and a Hub dataset's rows too unless caption_column (then None by default)
+    names their captions; with repeats each image is n samples in a row, each with its own crop and flip.
+    `bucketing` and `seed` (of the crops, flips and the max_train_samples subset) are ours. Every image is read once here, to learn its size and
     hash and to skip the unreadable and the tiny ones.
     """
 
@@ -437,11 +468,17 @@ class Dataset(torch.utils.data.Dataset):
         seed: int = 0,
         dataset_config_name: str | None = None,
         cache_dir: str | Path | None = None,
+        prompt: str | None = None,
+        repeats: int = 1,
     ):
         if resolution < MIN_SIDE:
             raise DataError(f"resolution must be at least {MIN_SIDE}, got {resolution}")
         if max_train_samples is not None and max_train_samples < 1:
             raise DataError(f"max_train_samples must be at least 1, got {max_train_samples}")
+        if repeats < 1:
+            raise DataError(f"repeats must be at least 1, got {repeats}")
+        if caption_column is None and prompt is None:
+            raise DataError("caption_column None means every image trains on the prompt: give the prompt")
         self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
         self.buckets = make_buckets(resolution) if bucketing else [(resolution, resolution)]
         self.epoch = 0  # used by __getitem__; see set_epoch
@@ -463,11 +500,12 @@ class Dataset(torch.utils.data.Dataset):
             if not isinstance(dataset_name, datasets.Dataset):
                 hint = " (pick a split: dataset['train'])" if isinstance(dataset_name, datasets.DatasetDict) else ""
                 raise DataError(f"dataset_name must be a name or a datasets.Dataset, got {type(dataset_name).__name__}{hint}")
-            self._hf, entries = _hub_entries(dataset_name, image_column, caption_column)
+            self._hf, entries = _hub_entries(dataset_name, image_column, caption_column, prompt)
         elif train_data_dir is not None:
             self._root = Path(train_data_dir)
             self.source = str(self._root)
-            entries, notes = _folder_entries(self._root, image_column, caption_column)
+            entries, notes = (_prompt_entries(self._root, prompt) if prompt is not None
+                              else _folder_entries(self._root, image_column, caption_column))
         else:
             raise DataError("no data: give dataset_name (a Hub dataset) or train_data_dir (a folder of images)")
         self.image_column = image_column
@@ -476,8 +514,11 @@ class Dataset(torch.utils.data.Dataset):
         order = list(range(len(entries)))
         if max_train_samples is not None:
             order = torch.randperm(len(entries), generator=seeded_generator("subset", seed)).tolist()
-        self._records, self.skipped = self._scan([entries[i] for i in order], max_train_samples)
+        records, self.skipped = self._scan([entries[i] for i in order], max_train_samples)
         self._found, self._notes, self._limit = len(entries), notes, max_train_samples  # for report()
+        # --repeats: each image n times in a row (diffusers' order); each copy is a sample of its own
+        self.repeats = repeats
+        self._records = [r for r in records for _ in range(repeats)]
         self.bucket_ids = [nearest_bucket(*r.size, self.buckets) for r in self._records]
         # A name per image for messages and --debug_loss: its path in the folder, or the dataset row.
         self.names = [self._name(r.source) for r in self._records]
@@ -529,9 +570,10 @@ class Dataset(torch.utils.data.Dataset):
         that are not images) with at most REPORT_NAMES of its files, by their path in the folder, or
         by row for a datasets.Dataset.
         """
-        skipped = sum(len(names) for names in self.skipped.values())
-        lines = [f"{self.source}: {self._found} images found, {len(self)} used, {skipped} skipped"]
-        if unread := self._found - len(self) - skipped:
+        skipped, used = sum(len(names) for names in self.skipped.values()), len(self) // self.repeats
+        lines = [f"{self.source}: {self._found} images found, {used} used"
+                 + (f" (each {self.repeats} times: --repeats)" if self.repeats > 1 else "") + f", {skipped} skipped"]
+        if unread := self._found - used - skipped:
             lines[0] += f", {unread} not read (max_train_samples={self._limit})"
         headings = {**{f"skipped, {reason}": names for reason, names in self.skipped.items()}, **self._notes}
         for heading, names in headings.items():

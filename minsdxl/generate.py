@@ -183,14 +183,17 @@ def _check_schedule(steps: int, init_image, strength: float, refiner, refiner_st
 
 @torch.no_grad()
 def generate(models: Models, prompts: list[str], negative_prompts: list[str] | None = None, *, steps: int = 30,
-             guidance_scale: float = 5.0, sampler: str = "euler", karras: bool = False, seed: int = 0,
+             guidance_scale: float = 5.0, sampler: str = "euler", karras: bool = False, seed: int | list[int] = 0,
              width: int = 1024, height: int = 1024, device="cpu", dtype: torch.dtype = torch.float32,
              lowvram: bool = False, vae_tiling: bool = False, prediction_type: str = "epsilon",
              return_latents: bool = False, conditioning: tuple | None = None, init_image: torch.Tensor | None = None,
              strength: float = 0.3, refiner: Models | None = None, refiner_start: float = 0.8,
              aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, meter=None):
     """One image per prompt. The initial noise is drawn on the CPU from `seed`, so the same seed gives
-    the same image on any device (and the same as diffusers' pipeline given the same generator).
+    the same image on any device (and the same as diffusers' pipeline given the same generator). A list
+    of seeds, one per prompt, draws each image's initial noise from its own generator (diffusers: a list of
+    generators), so that an image does not depend on the batch it is made in; the rest of the run (euler_a's
+    fresh noise, image to image, the refiner) draws from the first seed's.
     `conditioning`: the (context, pooled) of `text_conditioning` for these prompts, if already computed.
     `init_image`: (1, 3, H, W) in [-1, 1] (`image_to_tensor`) for image to image at `strength`; the image's
     size is the output's. `refiner`: the refiner's Models, which takes over at `refiner_start` (see the
@@ -205,7 +208,10 @@ def generate(models: Models, prompts: list[str], negative_prompts: list[str] | N
     negative_prompts = negative_prompts or [""] * B
     run = dict(steps=steps, sampler=sampler, karras=karras, guidance_scale=guidance_scale,
                prediction_type=prediction_type, device=device, dtype=dtype)
-    generator = torch.Generator().manual_seed(seed)
+    seeds = [seed] if isinstance(seed, int) else list(seed)
+    if len(seeds) not in (1, B):
+        raise GenerationError(f"{len(seeds)} seeds for {B} prompts: give one seed, or one per prompt")
+    generator = torch.Generator().manual_seed(seeds[0])
 
     # 1. The base's text conditioning (both encoders) and time ids (size conditioning)
     context, pooled = conditioning or text_conditioning(models, prompts, negative_prompts, device, dtype, lowvram, meter)
@@ -213,8 +219,11 @@ def generate(models: Models, prompts: list[str], negative_prompts: list[str] | N
 
     # 2. Where the base starts: pure noise, or the init image's latent noised to the level of step `start`
     #    (the VAE's sample and the noise both drawn from the seed's generator, in diffusers' order)
-    if init_image is None:
+    if init_image is None and len(seeds) == 1:
         z = torch.randn((B, 4, height // 8, width // 8), generator=generator)  # (B, 4, h, w), fp32
+    elif init_image is None:  # one generator per image: image i's noise is what seed i alone would draw
+        z = torch.cat([torch.randn((1, 4, height // 8, width // 8), generator=torch.Generator().manual_seed(s))
+                       for s in seeds])  # (B, 4, h, w)
     else:
         x0 = encode(models.vae, init_image, generator, device, lowvram, meter).cpu().float().expand(B, -1, -1, -1)
         z = noised(x0, torch.randn(x0.shape, generator=generator), steps, start, sampler, karras)
@@ -226,7 +235,7 @@ def generate(models: Models, prompts: list[str], negative_prompts: list[str] | N
     # 4. The refiner goes on from step `end` with the base's latents, or (refiner_start 0) noises the finished
     #    latents back to step `refiner_from` and runs image to image on them
     if refiner is not None:
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(seeds[0])
         r_context, r_pooled = text_conditioning(refiner, prompts, negative_prompts, device, dtype, lowvram, meter,
                                                 "refiner: text")
         r_ids = time_ids(refiner.unet.config, height, width, B, aesthetic_score, negative_aesthetic_score)  # (2B, 5)

@@ -10,6 +10,8 @@ seconds for the full model) under a tracker that sees every tensor storage the p
 and frees (`Tracker`, a TorchDispatchMode), phase by phase, in the order train.py runs them:
 
     load encoders   the text encoders and the VAE, into CPU memory (nothing on the device)
+    class images    --with_prior_preservation, when class images are missing: the text encoders, then the UNet
+                    (denoising one --sample_batch_size batch under guidance), then the VAE, one at a time
     cache latents   the VAE alone on the device, encoding one image at --resolution (minsdxl.cache.encode_image)
     cache text      the text encoders alone on the device, encoding one caption (minsdxl.cache.encode_captions)
     load UNet       the frozen UNet in its dtype (--fp8_base: float8 weights), plus the encoders a step needs
@@ -601,6 +603,9 @@ def simulate(args: argparse.Namespace, target: str | None = None, steps: int = 2
             given = args.pretrained_model_name_or_path
             notes.append("models: SDXL base 1.0's own configs (" + (f"{given} is not on this machine" if given else "no model given") + ")")
         side = args.resolution
+        # 2b. DreamBooth's class images, if some are missing: the UNet on the device for them, and freed after
+        if getattr(args, "with_prior_preservation", False) and _class_images_missing(args):
+            _class_images(args, tracker, tes, tokenizers, vae, local, Path(tmp))
         # 3. Caches, each encoder alone on the device.
         if args.cache_latents:
             with tracker.phase("cache latents", "activations"), devices.staged(device, vae):
@@ -663,7 +668,8 @@ def simulate(args: argparse.Namespace, target: str | None = None, steps: int = 2
     trained = (f"full fine-tuning{', step fused into backward' if args.fused_backward_pass else ''}" if full
                else f"rank {args.rank} on {args.lora_targets}")
     title = (f"{'demo (tiny)' if args.demo else Path(str(args.pretrained_model_name_or_path or 'SDXL base')).name}, "
-             f"{target}, {args.resolution}x{args.resolution}, batch {args.train_batch_size}, {trained}, "
+             f"{target}, {args.resolution}x{args.resolution}, batch {args.train_batch_size}"
+             f"{' + as many class images' if getattr(args, 'with_prior_preservation', False) else ''}, {trained}, "
              f"{dtype_name}{' + fp8 base' if getattr(args, 'fp8_base', False) else ''}, "
              f"{args.optimizer}, checkpointing {policy_name(args.gradient_checkpointing)}"
              f"{(', EMA' + (' on the CPU' if args.ema_on_cpu else '')) if args.use_ema else ''}"
@@ -674,6 +680,33 @@ def simulate(args: argparse.Namespace, target: str | None = None, steps: int = 2
         notes.append("not given, so the 12 GB recipe's (train.py's own defaults differ; --train_defaults for those): "
                      + " ".join(f"--{k}" if v is True else f"--{k} {v}" for k, v in assumed.items()))
     return Plan(title, target, tracker.phases, extras, chosen, notes)
+
+
+def _class_images_missing(args: argparse.Namespace) -> bool:
+    """Whether train.py would generate class images: --class_data_dir lacks some (or is not given here)."""
+    from .dreambooth import missing_class_indices
+    return args.class_data_dir is None or bool(missing_class_indices(Path(args.class_data_dir), args.num_class_images))
+
+
+def _class_images(args: argparse.Namespace, tracker: Tracker, tes, tokenizers, vae, local: bool, tmp: Path) -> None:
+    """Phase 2b on meta: one batch of --sample_batch_size class images, one denoising step (each step needs
+    the same memory), with train.py's own generate_class_images; the UNet lives in CPU memory, as there."""
+    from .dreambooth import generate_class_images, generation_dtype
+    from .generate import Models
+    dtype = generation_dtype(args)
+    with tracker.phase("class images", "weights"):
+        with tracker.paused():
+            unet = _unet(args, dtype, local)
+            if getattr(args, "fp8_base", False):  # as train.py: the model as it trains
+                from .fp8 import quantize_fp8
+                quantize_fp8(unet, dtype)
+        tracker.register(unet, host=True)
+        with tracker.labelled("activations"):
+            generate_class_images(Models(unet, vae, tes, tokenizers), args.class_prompt or "a photo of a dog",
+                                  list(range(args.sample_batch_size)), tmp / "class images", seed=0,
+                                  resolution=args.resolution, batch_size=args.sample_batch_size,
+                                  device=torch.device("meta"), dtype=dtype, steps=1, progress=False)
+    del unet
 
 
 class _TrackerMeter:
@@ -693,7 +726,8 @@ def _train_steps(train, args, tracker, unet, tes, tokenizers, vae, adapted, trai
     from .schedule import NoiseSchedule
     groups = train.optimizer_groups(args, trainable_named, args.learning_rate)
     sched = NoiseSchedule()
-    B, side = args.train_batch_size, args.resolution // 8
+    prior = getattr(args, "with_prior_preservation", False)  # DreamBooth: as many class images again in each batch
+    B, side = args.train_batch_size * (2 if prior else 1), args.resolution // 8
     micro = min(args.gradient_accumulation_steps, 2)
     with tracker.phase("train step", "optimizer state"):
         if getattr(args, "full_finetune", False):
@@ -731,7 +765,8 @@ def _train_steps(train, args, tracker, unet, tes, tokenizers, vae, adapted, trai
                     time_ids = torch.zeros(B, unet.config.num_time_ids)
                     noise, t = torch.zeros(x0.shape), torch.full((B,), 500)
                     loss, _ = train.batch_loss(unet, sched, x0, noise, t, context, pooled, time_ids, device, weight_dtype,
-                                               args.prediction_type or "epsilon", args.snr_gamma)
+                                               args.prediction_type or "epsilon", args.snr_gamma,
+                                               args.prior_loss_weight if prior else None)
                 with tracker.labelled("backward"):
                     (loss / args.gradient_accumulation_steps).backward()
                 del loss

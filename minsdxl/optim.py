@@ -61,8 +61,9 @@ def make_optimizer(args: argparse.Namespace, groups: list[dict], device: torch.d
         if args.learning_rate < 0.1:
             print(f"note: Prodigy estimates the step size itself; --learning_rate {args.learning_rate} scales it down "
                   f"(the usual value is 1.0).")
-        return prodigyopt.Prodigy(groups, betas=betas, weight_decay=wd, d_coef=args.prodigy_d_coef,
-                                  use_bias_correction=True, safeguard_warmup=True)
+        return prodigyopt.Prodigy(groups, betas=betas, beta3=args.prodigy_beta3, weight_decay=wd, d_coef=args.prodigy_d_coef,
+                                  decouple=args.prodigy_decouple, use_bias_correction=args.prodigy_use_bias_correction,
+                                  safeguard_warmup=args.prodigy_safeguard_warmup)
     from transformers.optimization import Adafactor  # factored second moments: less state than Adam
     if check_only:
         return None

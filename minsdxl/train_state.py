@@ -346,7 +346,7 @@ def compare_resumed_flags(args: argparse.Namespace, state: dict, path: Path, wor
                  f"(--train_batch_size x processes x --gradient_accumulation_steps); this one has {now}. It cannot "
                  f"change on resume: choose the batch size and accumulation that give {before}.")
         saved = {k: v for k, v in saved.items() if k not in per_step}
-    ignored = NOT_PART_OF_THE_RUN | ({"pretrained_model_name_or_path", "train_data_dir"} if args.demo else set())
+    ignored = NOT_PART_OF_THE_RUN | ({"pretrained_model_name_or_path", "train_data_dir", "instance_data_dir"} if args.demo else set())
     # (--demo's model and data live inside the output folder, which may have moved)
     changed = {k: (saved[k], v) for k, v in vars(args).items()
                if not k.startswith("_") and k in saved and saved[k] != v and k not in ignored}

@@ -746,3 +746,28 @@ except DataError as e:
     lines = out.stdout.strip().splitlines()
     assert lines[-2] == "1"
     assert lines[-1].startswith("DataError: dataset 'lambdalabs/naruto-blip-captions' needs the `datasets` package")
+
+
+def test_dreambooth_folder_images_all_take_the_prompt_and_repeat(tmp_path):
+    """--instance_prompt and --repeats of diffusers' DreamBooth script: every image of the folder trains on the
+    prompt (its .txt captions are not read, and the report says so), each image n times in a row."""
+    folder = tmp_path / "dog"
+    folder.mkdir()
+    for i, colour in enumerate(("red", "green", "blue")):
+        Image.new("RGB", (96, 64), colour).save(folder / f"{i:03d}.png")  # wider than 64x64: a random crop
+        (folder / f"{i:03d}.txt").write_text("a caption DreamBooth does not read")
+    ds = Dataset(train_data_dir=folder, caption_column=None, prompt="a photo of sks dog", resolution=64, repeats=2)
+    assert len(ds) == 6 and ds.captions == ["a photo of sks dog"] * 6
+    assert ds.names == ["000.png", "000.png", "001.png", "001.png", "002.png", "002.png"]  # each image n times in a row
+    assert any(ds.augmentation(0, i) != ds.augmentation(0, i + 1) for i in (0, 2, 4))  # each copy its own crop
+    report = ds.report()
+    assert "3 images found, 3 used (each 2 times: --repeats), 0 skipped" in report
+    assert "not read: every image trains on the one prompt (3)" in report
+
+
+def test_hub_dataset_rows_take_their_caption_or_the_instance_prompt():
+    """DreamBooth with --dataset_name: --caption_column names each row's prompt, --instance_prompt fills the empty ones."""
+    images = [Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue")]
+    hf = datasets.Dataset.from_dict({"image": images, "prompt": ["a sks dog running", "", None]})
+    assert Dataset(hf, caption_column=None, prompt="sks dog", resolution=64).captions == ["sks dog"] * 3
+    assert Dataset(hf, caption_column="prompt", prompt="sks dog", resolution=64).captions == ["a sks dog running", "sks dog", "sks dog"]

@@ -134,3 +134,18 @@ def test_full_finetuning_shards_with_fsdp2_and_equals_one_process(tmp_path):
     assert all(torch.equal(w_resumed[k], w_fsdp[k]) for k in w_fsdp)
     with pytest.raises(SystemExit, match=r"written by a full fine-tuning run of 2 process\(es\).*resume it with 2"):
         single(tmp_path / "one", *full, "--resume_from_checkpoint", str(tmp_path / "fsdp" / "checkpoint-2"))
+
+
+def test_dreambooth_class_images_are_shared_out_and_training_equals_one_process(tmp_path, monkeypatch):
+    """--with_prior_preservation under torchrun: each process generates its share of the missing class images
+    (every index once), and training on them equals one process with the same global batch."""
+    dreambooth = ("--instance_prompt", "a photo of sks shape", "--with_prior_preservation", "--class_prompt", "a shape",
+                  "--class_data_dir", str(tmp_path / "class"), "--num_class_images", "5", "--sample_batch_size", "2",
+                  "--class_inference_steps", "2", "--max_train_steps", "2")
+    result = torchrun(tmp_path / "ddp", *dreambooth)
+    assert "class images: generated 5 in" in result.stdout and "(3 by this process)" in result.stdout  # rank 0: 0, 2, 4
+    assert sorted(int(p.name.split("-")[0]) for p in (tmp_path / "class").glob("*.png")) == [0, 1, 2, 3, 4]
+    monkeypatch.setattr(train, "generate_class_images", lambda *a, **k: pytest.fail("class images generated again"))
+    single(tmp_path / "one", *dreambooth)
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in records(tmp_path / "ddp")]),
+                               torch.tensor([r["loss"] for r in records(tmp_path / "one")]), rtol=1e-5, atol=1e-6)

@@ -96,6 +96,21 @@ def test_latents_equal_the_diffusers_pipeline(tiny_dir, sampler, negative):
     assert_matches_reference(ours, theirs, f"final latents, {sampler}, negative {negative!r}")
 
 
+def test_a_seed_per_image_equals_diffusers_list_of_generators(tiny_dir):
+    """seed=[...]: each image's noise from its own generator, as StableDiffusionXLPipeline given a list of
+    generators; so an image is the same whatever batch it is made in (DreamBooth's class images)."""
+    models = models_of(tiny_dir)
+    ours = generate(models, ["a cat"] * 2, steps=4, sampler="euler", seed=[5, 9], width=64, height=64, return_latents=True)
+    pipe = diffusers_pipe(StableDiffusionXLPipeline, tiny_dir, "euler")
+    theirs = pipe(["a cat"] * 2, num_inference_steps=4, width=64, height=64, output_type="latent",
+                  generator=[torch.Generator().manual_seed(s) for s in (5, 9)]).images
+    assert_matches_reference(ours, theirs, "final latents, a seed per image")
+    alone = generate(models, ["a cat"], steps=4, sampler="euler", seed=9, width=64, height=64, return_latents=True)
+    torch.testing.assert_close(ours[1:], alone, rtol=1e-5, atol=1e-5)
+    with pytest.raises(GenerationError, match="3 seeds for 2 prompts"):
+        generate(models, ["a cat"] * 2, steps=1, seed=[1, 2, 3], width=64, height=64)
+
+
 @pytest.mark.parametrize("sampler, negative", [("euler", ""), ("dpmpp_2m", ""), ("euler", "blurry")])
 def test_base_then_refiner_equals_diffusers_ensemble_of_experts(tiny_dir, tiny_refiner_dir, sampler, negative):
     """The base runs the first 80% of the schedule (denoising_end=0.8, latents out), the refiner the rest

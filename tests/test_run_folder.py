@@ -250,6 +250,7 @@ ACCEPTED_WITHOUT_EFFECT = {
     "dataloader_num_workers": "data is prepared in the main process (its help says so)",
     "hub_token": "only with --push_to_hub, which is refused",
     "hub_model_id": "only with --push_to_hub, which is refused",
+    "output_kohya_format": "diffusers' DreamBooth script writes kohya's format only when asked; we always write it",
 }
 
 
