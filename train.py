@@ -534,7 +534,7 @@ def load_frozen_unet(run: Run, frozen: Frozen) -> UNet:
         if args.fp8_base:
             run.log(f"fp8 base: {quantize_fp8(unet, run.weight_dtype)}")
             unet.to(device)
-        if args.channels_last:  # NHWC convolutions, what oneDNN and tensor cores run fastest (docs/performance.md)
+        if args.channels_last:  # NHWC convolutions (off by default: measured no faster, docs/performance.md)
             unet.to(memory_format=torch.channels_last)
     if not args.cache_latents:
         frozen.vae.to(device)  # every step encodes its images
