@@ -256,3 +256,12 @@ def test_lora_under_autocast_computes_in_the_compute_dtype_without_copying_its_i
     assert not copies, "an fp32 copy of the input"
     down, up = layer.lora_down.weight.to(torch.bfloat16), layer.lora_up.weight.to(torch.bfloat16)
     assert torch.equal(y, layer.base(x) + F.linear(F.linear(x, down), up) * layer.scale)
+
+
+def test_selective_without_compile_says_what_it_costs_on_a_gpu(capsys):
+    from minsdxl import train_args
+    base = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--gradient_checkpointing", "selective"]
+    train_args.check_args(train_args.parse_args(base))
+    assert "selective without --compile" in capsys.readouterr().out
+    train_args.check_args(train_args.parse_args(base + ["--compile"]))
+    assert "selective without --compile" not in capsys.readouterr().out
