@@ -59,7 +59,7 @@ import lora
 from minsdxl import devices
 from minsdxl.cache import Cache, Conditioning, model_identity
 from minsdxl.data import BucketBatchSampler, DataError, Dataset, drop_caption, seeded_generator
-from minsdxl.distributed import Distributed, local
+from minsdxl.distributed import Distributed
 from minsdxl.dreambooth import class_images, generate_class_images, generation_dtype, missing_class_indices
 from minsdxl.ema import EMA
 from minsdxl.compile import compile_repeated_blocks
