@@ -30,6 +30,10 @@ while the GPU rows run one at a time. The table is printed and, with `--out DIR`
 to DIR/gpu_results.md with the raw numbers in DIR/gpu_results.json and every child's output in
 DIR/gpu_log.txt.
 
+The time cell of a training row on a GPU also gives (host ...): the seconds until the step's Python
+code returns, before synchronizing. Near the step's time, the GPU was waiting for kernels to be launched
+(bench/train_step.py --config overhead measures that side on the CPU); well below it, the GPU was busy.
+
 MFU = (FLOPs of one step) / (seconds per step) / (the GPU's dense bf16 peak). The FLOPs are
 counted, not estimated: torch.utils.flop_counter.FlopCounterMode over one forward + MSE + backward
 of our UNet with its adapters on the `meta` device (shapes only, no data), which counts matrix
@@ -384,7 +388,8 @@ def train_cells(r: dict, sim: dict, flops: dict, peak_tflops: float | None, cuda
     """time / peak / simulator / MFU cells of one measured training row."""
     s = r["seconds_per_step"]
     peak = r["peak_bytes"]
-    cells = {"time": f"{s:.3f} s/it", "peak": mib(peak) + (f" (reserved {mib(r['peak_reserved_bytes'])})" if cuda else " RSS")}
+    host = r.get("host_seconds_per_step")  # the Python side's share: near the step's time = launch-bound
+    cells = {"time": f"{s:.3f} s/it" + (f" (host {host:.3f})" if host is not None and cuda else ""), "peak": mib(peak) + (f" (reserved {mib(r['peak_reserved_bytes'])})" if cuda else " RSS")}
     predicted, note = phase_bytes(sim, lambda name: "step" in name)
     cells["sim"] = mib(predicted) if predicted else note
     cells["ratio"] = f"{peak / predicted:.2f}" if predicted and cuda else ""

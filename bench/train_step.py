@@ -15,6 +15,7 @@ allocated, weights included, which is what has to fit the card, and the peak abo
     python bench/train_step.py --config base --latent 32 --options --repeats 2          # each speed option, on the CPU
     python bench/train_step.py --config base --latent 32 --options --no-checkpointing --repeats 2
     python bench/train_step.py --config base --latent 32 --profile                     # which ops each side runs
+    python bench/train_step.py --config overhead --latent 16 --repeats 5                # the framework's own time per step
 
 `--options` times the reference against our side with each speed option on its own and all together
 (OPTIONS: the checkpointing policy, channels-last, regional compilation; minsdxl/checkpointing.py,
@@ -22,6 +23,11 @@ minsdxl/compile.py), in one alternating loop, prints each one's time and peak me
 reference, and checks its numerics against our eager fully checkpointed path (the first row): the
 UNet output and every LoRA gradient of one forward + backward on the same inputs and adapter values.
 `--option NAME` applies one of them to our side in the other modes.
+
+`--config overhead` is SDXL base's topology block for block at widths 32/64/128 (`overhead_config`): the
+same ops in the same order as the full UNet with next to no arithmetic, so a step's time is what the
+framework spends per op (Python, the dispatcher, autograd, the checkpoint hooks) on one CPU thread, the
+thread that launches a GPU's kernels. It prints that time and the ops dispatched per step, each side.
 
 `--side ours|reference` measures one side alone in this process and prints one JSON line (time of
 each step, peak memory); bench/gpu.py runs its rows that way. `--fp8-base` (minsdxl.fp8: the frozen
@@ -42,6 +48,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora  # noqa: E402
@@ -80,6 +87,34 @@ OPTIONS = {
 }
 
 
+def overhead_config() -> UNetConfig:
+    """SDXL base's topology (3 levels, transformer depths 0/2/10 and 10 in the mid block, 2 resnets per down
+    level and 3 per up level, the same attention, GEGLU and LoRA layers) at widths 32/64/128 and head dim
+    32: every op of the full UNet's step, in the same order, each on tensors too small to take time."""
+    return UNetConfig(block_out_channels=(32, 64, 128), transformer_depth=(0, 2, 10), mid_transformer_depth=10,
+                      num_heads=(1, 2, 4), cross_attention_dim=64, pooled_text_dim=32, addition_time_embed_dim=8,
+                      norm_num_groups=8)
+
+
+CONFIGS = {"tiny": UNetConfig.tiny, "base": UNetConfig.sdxl_base, "overhead": overhead_config}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched below autograd (forward, recomputation, backward, optimizer): `ops`
+    computes or allocates (on a GPU, roughly a kernel launch each), `views` only reinterpret a tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.is_view:
+            self.views += 1
+        else:
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
 def text_encoders(cfg: UNetConfig, dtype, device) -> list:
     """SDXL's two text encoders (for the base config at full size: CLIP ViT-L and OpenCLIP ViT-bigG),
     random, frozen; train.py --train_text_encoder then puts LoRA on their q/k/v/out projections."""
@@ -103,12 +138,13 @@ def add_lora(side: str, model, args) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def make_optimizer(params: list[torch.nn.Parameter], name: str) -> torch.optim.Optimizer:
-    """train.py's AdamW, or bitsandbytes' 8-bit AdamW (CUDA; its state is 2 bytes per parameter, not 8)."""
+def make_optimizer(params: list[torch.nn.Parameter], name: str, foreach: bool | None = None) -> torch.optim.Optimizer:
+    """train.py's AdamW, or bitsandbytes' 8-bit AdamW (CUDA; its state is 2 bytes per parameter, not 8).
+    foreach=None: torch's default, the multi-tensor update on CUDA and a loop over the parameters on the CPU."""
     if name == "adamw8bit":
         import bitsandbytes as bnb
         return bnb.optim.AdamW8bit(params, lr=1e-4)
-    return torch.optim.AdamW(params, lr=1e-4)
+    return torch.optim.AdamW(params, lr=1e-4, foreach=foreach)
 
 
 def step_fn(side: str, model, params, cfg: UNetConfig, args, encoders=None):
@@ -117,7 +153,8 @@ def step_fn(side: str, model, params, cfg: UNetConfig, args, encoders=None):
     x0, _, context, pooled, time_ids = make_inputs(cfg, args.batch, args.latent, dtype, device)
     x0 = x0.float()
     schedule = NoiseSchedule()
-    optimizer = make_optimizer(params, args.optimizer)
+    # --config overhead stands for a GPU step: AdamW's multi-tensor update, CUDA's default
+    optimizer = make_optimizer(params, args.optimizer, foreach=True if args.config == "overhead" else None)
     # fp16 runs out of range below 6e-8: scale the loss so small gradients survive, unscale before the
     # step (skipped if anything overflowed), as train.py does. Disabled, it passes everything through.
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -192,7 +229,11 @@ def measure_side(side: str, cfg: UNetConfig, args) -> dict:
     """One side alone: `--warmup` steps (the optimizer state exists after the first), then `--repeats`
     timed steps. CUDA: the total peak allocated during the timed steps (weights included: what has to
     fit the card) and the caching allocator's peak reserved; CPU: peak RSS above the level before the
-    model was built (weights included), over the whole run."""
+    model was built (weights included), over the whole run. `host_seconds_per_step`: until step() returns,
+    before the device is synchronized: on a GPU, close to the step's time when the GPU waits for the
+    Python side to launch its kernels, well below it when the host runs ahead (a synchronizing call
+    inside the step would also make it close: the optimizer's steps are CPU tensors, nothing in it reads
+    a GPU value back)."""
     device = torch.device(args.device)
     rss = PeakMemory(device).__enter__() if device.type == "cpu" else None
     _, step, n = one_side(side, cfg, args)
@@ -203,10 +244,11 @@ def measure_side(side: str, cfg: UNetConfig, args) -> dict:
     if device.type == "cuda":
         out["resident_bytes"] = torch.cuda.memory_allocated(device)  # weights, adapters, optimizer state
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = []
+    seconds, host = [], []
     for _ in range(args.repeats):
         start = time.perf_counter()
         step()
+        host.append(time.perf_counter() - start)  # Python is done; on a GPU kernels may still be running
         sync(device)
         seconds.append(time.perf_counter() - start)
     if device.type == "cuda":
@@ -215,7 +257,8 @@ def measure_side(side: str, cfg: UNetConfig, args) -> dict:
     else:
         rss.__exit__(None, None, None)
         out["peak_bytes"] = rss.peak
-    return {**out, "seconds": seconds, "seconds_per_step": statistics.median(seconds)}
+    return {**out, "seconds": seconds, "seconds_per_step": statistics.median(seconds),
+            "host_seconds_per_step": statistics.median(host)}
 
 
 def numerics(models: dict, cfg: UNetConfig, args) -> dict[str, tuple[float, float]]:
@@ -319,8 +362,33 @@ def profile_table(cfg: UNetConfig, args) -> None:
             print(f"  {op[:50]:<52}{count:>8} calls{seconds:>9.3f} s")
 
 
+def overhead_table(cfg: UNetConfig, args) -> None:
+    """Seconds per step on one thread and ops dispatched per step, each side, on `overhead_config`."""
+    steps = {side: one_side(side, cfg, args)[1] for side in ("reference", "ours")}
+    counts = {}
+    for side, step in steps.items():
+        step()  # the optimizer state exists after the first step
+        with OpCounter() as counter:
+            step()
+        counts[side] = counter
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the host side of a GPU step is one Python thread
+    try:
+        times = time_alternating(steps, args.repeats, args.device)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"\nFramework time per LoRA step: SDXL base's topology at widths 32/64/128 (bench/train_step.py "
+          f"overhead_config), latents {args.latent}x{args.latent}, checkpointing {'on' if args.checkpointing else 'off'}"
+          f" on both sides, {args.dtype}, rank {args.rank}, {args.optimizer}, {args.repeats} repeats, 1 thread of {device_name(args.device)}")
+    print(f"{'':<12}{'s/step':>9}{'/ref':>7}{'ops/step':>10}{'views/step':>12}{'us/op':>8}")
+    for side in ("reference", "ours"):
+        c = counts[side]
+        print(f"{side:<12}{times[side]:>9.3f}{times[side] / times['reference']:>7.3f}{c.ops:>10,}{c.views:>12,}"
+              f"{times[side] / c.ops * 1e6:>8.1f}")
+
+
 def main(args):
-    cfg = UNetConfig.sdxl_base() if args.config == "base" else UNetConfig.tiny()
+    cfg = CONFIGS[args.config]()
     device = torch.device(args.device)
     torch.manual_seed(0)
     if args.side:
@@ -345,6 +413,8 @@ def main(args):
         return
     if args.options:
         return options_table(cfg, args)
+    if args.config == "overhead":
+        return overhead_table(cfg, args)
     if args.profile:
         return profile_table(cfg, args)
     if args.variants:
@@ -399,7 +469,8 @@ def main(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", choices=["tiny", "base"], default="tiny")
+    p.add_argument("--config", choices=list(CONFIGS), default="tiny",
+                   help="overhead: SDXL's topology at tiny widths, the framework's time per step (overhead_config)")
     p.add_argument("--latent", type=int, default=32, help="latent side (image side / 8)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rank", type=int, default=16)

@@ -190,6 +190,35 @@ def test_rslora_and_gaussian_init():
     assert abs(model.a.to_q.lora_down.weight.std().item() - 0.25) < 0.1
 
 
+@pytest.mark.parametrize("alpha,multiplier", [(4, 1.0), (8, 1.0), (4, 0.5)])
+def test_no_multiply_at_scale_one_and_the_same_output(alpha, multiplier):
+    """alpha = rank at strength 1 (diffusers' scripts' default) skips the scaling multiply: one op less per
+    adapted layer and call, which a GPU step at batch 1 pays in host time; the output is bitwise
+    base(x) + up(down(x)) * scale."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = toy()
+    lora.inject(model, ["to_q"], rank=4, alpha=alpha)
+    randomize_adapters(model)
+    layer = model.a.to_q
+    layer.multiplier = multiplier
+    x = torch.randn(3, layer.base.in_features)
+    with Ops() as ops:
+        out = layer(x)
+    factor = alpha / 4 * multiplier
+    assert ("mul.Tensor" in ops.names) == (factor != 1.0)
+    assert torch.equal(out, layer.base(x) + layer.lora_up(layer.lora_down(x)) * factor)
+
+
 @pytest.mark.parametrize("dora", [False, True])
 def test_same_outputs_as_peft(dora):
     from peft import LoraConfig, inject_adapter_in_model
