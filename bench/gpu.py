@@ -13,6 +13,9 @@ fp32 adapters, gradient checkpointing, cached latents and text, AdamW):
                 ours with a speed option (bench/train_step.py's OPTIONS): selective checkpointing, channels-last,
                 channels-last + compiled blocks, all three
     no_ckpt     no checkpointing on either side; no_ckpt_compile ours with channels-last and compiled blocks
+    cuda_graph  both sides' step recorded once as a CUDA graph and replayed (bench/train_step.py
+                graphed_step_fn: what a batch-1 step takes without Python launching each kernel); the
+                peak allocated leaves out the graph's own pool, which the reserved figure includes
     fp16        the same in fp16, the loss scaled by a GradScaler
     fp8_base    ours with the frozen weights in float8_e4m3fn (minsdxl.fp8), bf16 compute
     adamw8bit   bitsandbytes' 8-bit AdamW, both sides
@@ -88,6 +91,8 @@ TRAIN_ROWS = [
      ("ours", "reference")),
     ("no_ckpt_compile", "train step, {dtype}, no checkpointing, channels-last + compiled", ["--no-checkpointing", "--option",
      "channels-last + compiled"], ["--gradient_checkpointing", "none"], ("ours",)),
+    ("cuda_graph", "train step, {dtype}, the whole step replayed as a CUDA graph (bench only)", ["--cuda-graph"], [],
+     ("ours", "reference")),
     ("fp16", "train step, fp16 + GradScaler", ["--dtype", "fp16"], ["--mixed_precision", "fp16"], ("ours", "reference")),
     ("fp8_base", "train step, {dtype}, fp8 base weights", ["--fp8-base"], ["--fp8_base"], ("ours",)),
     ("adamw8bit", "train step, {dtype}, 8-bit AdamW", ["--optimizer", "adamw8bit"], ["--optimizer", "adamw8bit"], ("ours", "reference")),

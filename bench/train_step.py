@@ -189,6 +189,93 @@ def step_fn(side: str, model, params, cfg: UNetConfig, args, encoders=None):
     return step
 
 
+def graphed_step_fn(side: str, model, params, cfg: UNetConfig, args, capture: bool = True):
+    """The same step (bf16/fp32 autocast, AdamW) recorded once as a CUDA graph and replayed: one launch
+    for the whole step instead of ~2 x 10^4 from Python (the "whole-network capture" of PyTorch's CUDA
+    graphs notes). Each replay reads this step's noise and timesteps from static buffers, filled from the
+    CPU generator as step_fn samples them; AdamW keeps its step counts on the device (capturable). The
+    step has no random op (no dropout), so checkpointing's stash of the GPU's RNG state, which cannot run
+    inside a capture, is switched off on both sides. `capture=False` runs the same code without a graph
+    (what the tests check on the CPU). Returns (step, check): check() compares one replay's loss and LoRA
+    gradients with an eager forward + backward on the same weights and inputs."""
+    import torch.utils.checkpoint as ckpt
+
+    dtype, device = DTYPES[args.dtype], torch.device(args.device)
+    x0, _, context, pooled, time_ids = make_inputs(cfg, args.batch, args.latent, dtype, device)
+    x0 = x0.float()
+    alphas = NoiseSchedule().alphas_cumprod.to(device)  # on the device before the capture: no copy inside it
+    optimizer = torch.optim.AdamW(params, lr=1e-4, capturable=capture, foreach=True)
+    noise, t = torch.zeros_like(x0), torch.zeros(x0.shape[0], dtype=torch.long, device=device)
+    g = torch.Generator().manual_seed(0)
+    torch.randint(0, 49408, (x0.shape[0], 77), generator=g)  # step_fn's token ids come first: the same noise after
+    if capture:
+        ckpt.get_device_states = lambda *a: ([], [])  # no GPU RNG state to stash (see above); this process only
+
+    def forward_backward():
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a**0.5 * x0 + (1 - a) ** 0.5 * noise  # NoiseSchedule.add_noise
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False):
+            if side == "reference":
+                pred = model(x_t.to(dtype), t, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+            else:
+                pred = model(x_t.to(dtype), t, context, pooled, time_ids)
+        loss = F.mse_loss(pred.float(), noise)
+        loss.backward()
+        return loss
+
+    def body():
+        loss = forward_backward()
+        optimizer.step()
+        return loss
+
+    def fill():
+        noise.copy_(torch.randn(x0.shape, generator=g))
+        t.copy_(torch.randint(0, 1000, (x0.shape[0],), generator=g))
+
+    if not capture:
+        def step():
+            fill()
+            body()
+            optimizer.zero_grad(set_to_none=True)
+        return step, None
+
+    stream = torch.cuda.Stream()  # warm-up on a side stream, as the notes ask (lazy inits, autotuning)
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fill()
+            optimizer.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)  # the capture's backward makes the gradients, in the graph's memory
+    with torch.cuda.graph(graph):
+        static_loss = body()
+    grads = [p.grad for p in params]
+
+    def step():
+        fill()
+        graph.replay()
+
+    def check():
+        fill()
+        before = [p.detach().clone() for p in params]
+        graph.replay()
+        loss_graph, grads_graph = static_loss.item(), [gr.clone() for gr in grads]
+        with torch.no_grad():
+            for p, b in zip(params, before):
+                p.copy_(b)
+        for p in params:
+            p.grad = None
+        loss_eager = forward_backward().item()
+        rel = max(((p.grad - gg).abs().max() / gg.abs().max().clamp_min(1e-30)).item() for p, gg in zip(params, grads_graph))
+        for p, gr in zip(params, grads):
+            p.grad = gr  # the graph's tensors again: the next replay writes them
+        return {"loss_graph": loss_graph, "loss_eager": loss_eager, "grad_rel_err": rel}
+
+    return step, check
+
+
 def speed_options(model, option: dict) -> None:
     """Our side's layout before the adapters come (as train.py converts the loaded UNet)."""
     if option.get("channels_last"):
@@ -222,6 +309,12 @@ def one_side(side: str, cfg: UNetConfig, args, weights=None, before_lora=None, o
         lora.inject(te, TEXT_ENCODER_TARGETS, rank=args.rank, alpha=args.rank, init="gaussian",
                     dtype=torch.float32)
         params += [p for p in te.parameters() if p.requires_grad]
+    if args.cuda_graph:
+        if encoders or args.optimizer != "adamw" or args.dtype == "fp16":
+            raise SystemExit("--cuda-graph records AdamW with cached text in bf16 or fp32: not with text encoders, "
+                             "8-bit AdamW or fp16's GradScaler")
+        step, model.graph_check = graphed_step_fn(side, model, params, cfg, args, capture=torch.device(args.device).type == "cuda")
+        return model, step, sum(p.numel() for p in params)
     return model, step_fn(side, model, params, cfg, args, encoders), sum(p.numel() for p in params)
 
 
@@ -233,14 +326,16 @@ def measure_side(side: str, cfg: UNetConfig, args) -> dict:
     before the device is synchronized: on a GPU, close to the step's time when the GPU waits for the
     Python side to launch its kernels, well below it when the host runs ahead (a synchronizing call
     inside the step would also make it close: the optimizer's steps are CPU tensors, nothing in it reads
-    a GPU value back)."""
+    a GPU value back; in fp16 the GradScaler does, so it is left out there)."""
     device = torch.device(args.device)
     rss = PeakMemory(device).__enter__() if device.type == "cpu" else None
-    _, step, n = one_side(side, cfg, args)
+    model, step, n = one_side(side, cfg, args)
     for _ in range(args.warmup):
         step()
     sync(device)
     out = {"side": side, "trainable_params": n, "device": device_name(device)}
+    if getattr(model, "graph_check", None):
+        out["graph_check"] = model.graph_check()
     if device.type == "cuda":
         out["resident_bytes"] = torch.cuda.memory_allocated(device)  # weights, adapters, optimizer state
         torch.cuda.reset_peak_memory_stats(device)
@@ -257,8 +352,9 @@ def measure_side(side: str, cfg: UNetConfig, args) -> dict:
     else:
         rss.__exit__(None, None, None)
         out["peak_bytes"] = rss.peak
-    return {**out, "seconds": seconds, "seconds_per_step": statistics.median(seconds),
-            "host_seconds_per_step": statistics.median(host)}
+    if args.dtype != "fp16":  # fp16's GradScaler reads a GPU value back (inf checks): host = step by construction
+        out["host_seconds_per_step"] = statistics.median(host)
+    return {**out, "seconds": seconds, "seconds_per_step": statistics.median(seconds)}
 
 
 def numerics(models: dict, cfg: UNetConfig, args) -> dict[str, tuple[float, float]]:
@@ -479,6 +575,8 @@ def parse_args(argv=None):
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw", help="adamw8bit: bitsandbytes, CUDA")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="record the step once as a CUDA graph and replay it (graphed_step_fn; --side mode, CUDA)")
     p.add_argument("--fp8-base", action="store_true", help="our frozen UNet weights in float8_e4m3fn (minsdxl.fp8)")
     p.add_argument("--side", choices=["reference", "ours"], help="measure this side alone; print one JSON line")
     p.add_argument("--warmup", type=int, default=1, help="--side: untimed steps before the timed ones")

@@ -14,11 +14,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = [("bf16", "ours"), ("bf16", "diffusers + peft"), ("selective", "ours"), ("channels_last", "ours"), ("compile", "ours"),
         ("all_options", "ours"), ("no_ckpt", "ours"), ("no_ckpt", "diffusers + peft"), ("no_ckpt_compile", "ours"),
-        ("fp16", "ours"), ("fp16", "diffusers + peft"),
+        ("cuda_graph", "ours"), ("cuda_graph", "diffusers + peft"), ("fp16", "ours"), ("fp16", "diffusers + peft"),
         ("fp8_base", "ours"), ("adamw8bit", "ours"), ("adamw8bit", "diffusers + peft"),
         ("sample", "ours"), ("load", "ours"), ("load", "diffusers")]
 # the rest need CUDA (8-bit AdamW; compiling, which takes minutes of C++ compilation on the CPU) or minsdxl.fp8
-ON_CPU = [r for r in ROWS if r[0] in ("bf16", "selective", "channels_last", "no_ckpt", "fp16", "sample", "load")]
+ON_CPU = [r for r in ROWS if r[0] in ("bf16", "selective", "channels_last", "no_ckpt", "cuda_graph", "fp16", "sample", "load")]
 
 
 def test_gpu_sh_dry_run_prints_every_row(tmp_path):
