@@ -16,6 +16,7 @@ allocated, weights included, which is what has to fit the card, and the peak abo
     python bench/train_step.py --config base --latent 32 --options --no-checkpointing --repeats 2
     python bench/train_step.py --config base --latent 32 --profile                     # which ops each side runs
     python bench/train_step.py --config overhead --latent 16 --repeats 5                # the framework's own time per step
+    python bench/train_step.py --config base --latent 128 --dtype bf16 --device cuda --side ours --cuda-graph
 
 `--options` times the reference against our side with each speed option on its own and all together
 (OPTIONS: the checkpointing policy, channels-last, regional compilation; minsdxl/checkpointing.py,
@@ -28,6 +29,10 @@ UNet output and every LoRA gradient of one forward + backward on the same inputs
 same ops in the same order as the full UNet with next to no arithmetic, so a step's time is what the
 framework spends per op (Python, the dispatcher, autograd, the checkpoint hooks) on one CPU thread, the
 thread that launches a GPU's kernels. It prints that time and the ops dispatched per step, each side.
+
+`--cuda-graph` (with `--side`) records each side's whole step once as a CUDA graph and replays it
+(`graphed_step_fn`): the step without Python launching each kernel, and its loss and LoRA gradients
+against eager on the same weights and inputs ("graph_check" in the JSON line).
 
 `--side ours|reference` measures one side alone in this process and prints one JSON line (time of
 each step, peak memory); bench/gpu.py runs its rows that way. `--fp8-base` (minsdxl.fp8: the frozen
